@@ -1,0 +1,17 @@
+//! Shared plumbing every Chatify service uses: ids and session ids, the Redis key layout,
+//! Kafka topic names, config parsing and validation, route records, telemetry (logs,
+//! metrics, health endpoints) and readiness probes. No I/O loops of its own live here
+//! besides the small admin HTTP server.
+
+pub mod config;
+pub mod ids;
+pub mod keys;
+pub mod probe;
+pub mod routing;
+#[cfg(all(feature = "postgres", feature = "mongo"))]
+pub mod stores;
+pub mod telemetry;
+pub mod topics;
+
+pub use ids::{MessageId, SessionId};
+pub use topics::Topics;

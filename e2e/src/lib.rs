@@ -1,0 +1,82 @@
+//! Whole-system tests (in `tests/`): each backing service really round-trips data, the
+//! deployment files agree with the binaries, and (with later issues) the real binaries
+//! serve clients end to end. This library holds only the helpers those tests share.
+
+use std::sync::Once;
+
+/// Loads `.local/chatify.env` (written by `scripts/services.sh up`) once and returns the
+/// value of `variable`. Panics with the fix when the services were never brought up: a
+/// test against a real service must fail, not skip, when the service is missing.
+pub fn service_env(variable: &str) -> String {
+    static LOAD: Once = Once::new();
+    LOAD.call_once(|| {
+        if let Err(error) = chatify_core::config::load_repo_env(env!("CARGO_MANIFEST_DIR").as_ref())
+        {
+            panic!("{error}");
+        }
+    });
+    std::env::var(variable)
+        .unwrap_or_else(|_| panic!("{variable} is not set in .local/chatify.env"))
+}
+
+/// A name no other test run uses (topics, groups, keys, databases).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+/// A plain HTTP/1.1 GET, enough for the admin endpoints: (status, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an http response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_local_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+}
+
+/// Path of a workspace binary built next to the running test (`cargo test --workspace`
+/// builds every binary before running tests).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let test_exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,46 @@
+use anyhow::Context as _;
+use chatify_core::stores::Stores;
+use storage_reader::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    chatify_core::config::load_env_file()?;
+    let config: Config = chatify_core::config::parse().unwrap_or_else(|error| error.exit());
+    config.validate()?;
+    let stores = Stores::open(&config.redis, &config.postgres, &config.mongo).await?;
+    let readiness = stores.readiness(
+        &config.kafka.kafka_bootstrap_servers,
+        storage_reader::required_topics(&config),
+    )?;
+    let shutdown = CancellationToken::new();
+    let admin = chatify_core::telemetry::start(
+        &config.logs,
+        config.admin_addr,
+        readiness,
+        shutdown.clone(),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on CHATIFY_GRPC_ADDR {}", config.grpc_addr))?;
+    tracing::info!(grpc = %config.grpc_addr, "storage-reader started");
+    let grpc_shutdown = shutdown.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(storage_reader::reflection_service()?)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async move { grpc_shutdown.cancelled().await },
+            ),
+    );
+    chatify_core::telemetry::shutdown_signal().await;
+    shutdown.cancel();
+    grpc.await.context("grpc server task")??;
+    admin.await.context("admin server task")??;
+    tracing::info!("storage-reader stopped");
+    Ok(())
+}

@@ -1,0 +1,33 @@
+use anyhow::Context as _;
+use chatify_core::stores::Stores;
+use storage_writer::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    chatify_core::config::load_env_file()?;
+    let config: Config = chatify_core::config::parse().unwrap_or_else(|error| error.exit());
+    config.validate()?;
+    let stores = Stores::open(&config.redis, &config.postgres, &config.mongo).await?;
+    let readiness = stores.readiness(
+        &config.kafka.kafka_bootstrap_servers,
+        storage_writer::required_topics(&config),
+    )?;
+    let shutdown = CancellationToken::new();
+    let admin = chatify_core::telemetry::start(
+        &config.logs,
+        config.admin_addr,
+        readiness,
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(group = %config.consumer_group, "storage-writer started");
+    chatify_core::telemetry::shutdown_signal().await;
+    shutdown.cancel();
+    admin.await.context("admin server task")??;
+    tracing::info!("storage-writer stopped");
+    Ok(())
+}
