@@ -558,11 +558,11 @@ run_migrations() {
     log "migrations: skipped (CHATIFY_SKIP_MIGRATE=1)"
     return 0
   fi
-  log "migrations: cargo run -q -p chatify-migrations --bin chatify-migrate"
+  log "migrations: cargo run -q --locked -p chatify-migrations --bin chatify-migrate"
   (
     export_env_file
     cd "$REPO"
-    cargo run -q -p chatify-migrations --bin chatify-migrate
+    cargo run -q --locked -p chatify-migrations --bin chatify-migrate
   ) || die "migrations: chatify-migrate failed (set CHATIFY_SKIP_MIGRATE=1 to skip)"
 }
 

@@ -36,7 +36,9 @@ pub fn init_logs(args: &LogArgs) -> Result<(), TelemetryError> {
         .map_err(|error| ConfigError::new("RUST_LOG", error.to_string()))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(true);
+        .with_target(true)
+        // colour codes only for people at a terminal, never in log files
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let installed = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -64,8 +64,8 @@ pub fn free_local_addr() -> std::net::SocketAddr {
         .expect("bind an ephemeral port")
 }
 
-/// Path of a workspace binary built next to the running test (`cargo test --workspace`
-/// builds every binary before running tests).
+/// Path of a workspace binary built next to the running test, in the same profile
+/// (`scripts/dev test` runs `cargo build --workspace --bins` before the tests).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let test_exe = std::env::current_exe().expect("test executable path");
     let profile_dir = test_exe
@@ -75,7 +75,7 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),
-        "{} is not built: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/dev test does)",
         path.display()
     );
     path

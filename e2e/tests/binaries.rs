@@ -50,6 +50,8 @@ fn start(binary: &str, extra_env: &[(&str, String)]) -> Running {
     let mut command = command(binary);
     command.env("CHATIFY_ADMIN_ADDR", admin.to_string());
     command.env("CHATIFY_GRPC_ADDR", free_local_addr().to_string());
+    command.env("CHATIFY_WS_ADDR", free_local_addr().to_string());
+    command.env("CHATIFY_TCP_ADDR", free_local_addr().to_string());
     for (variable, value) in extra_env {
         command.env(variable, value);
     }
