@@ -26,6 +26,97 @@ pub struct Config {
     /// HS256 secret that signs client tokens.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+    /// WebSocket listener (`GET /ws`).
+    #[arg(long, env = "CHATIFY_WS_ADDR", default_value = "127.0.0.1:8080")]
+    pub ws_addr: SocketAddr,
+    /// TCP listener (4-byte length prefix + protobuf).
+    #[arg(long, env = "CHATIFY_TCP_ADDR", default_value = "127.0.0.1:8081")]
+    pub tcp_addr: SocketAddr,
+    /// Shards (threads, one per core); 0 means one per available core.
+    #[arg(long, env = "CHATIFY_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+    /// I/O driver of the shards: io_uring, the epoll fallback, or io_uring when available.
+    #[arg(long, env = "CHATIFY_IO_DRIVER", value_enum, default_value = "auto")]
+    pub io_driver: IoDriver,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Which monoio driver the shards run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring only (start-up fails without it).
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Legacy,
+}
+
+/// Every bound of the gateway; each one is what creates backpressure or a clear refusal.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Limits {
+    /// Most live connections on this node (WebSocket and TCP); more get HTTP 503 / a close.
+    #[arg(long, env = "CHATIFY_CONNECTIONS_MAX", default_value_t = 100_000)]
+    pub connections_max: usize,
+    /// Largest single frame a client may send (WebSocket frame or TCP frame).
+    #[arg(long, env = "CHATIFY_FRAME_BYTES_MAX", default_value_t = 64 * 1024)]
+    pub frame_bytes_max: usize,
+    /// Largest WebSocket message after reassembling fragments.
+    #[arg(long, env = "CHATIFY_MESSAGE_BYTES_MAX", default_value_t = 256 * 1024)]
+    pub message_bytes_max: usize,
+    /// Frames waiting for a slow reader before it is disconnected.
+    #[arg(long, env = "CHATIFY_SEND_QUEUE_FRAMES_MAX", default_value_t = 256)]
+    pub send_queue_frames_max: usize,
+    /// Time a client has to finish the WebSocket upgrade or the TCP `auth` frame.
+    #[arg(long, env = "CHATIFY_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub handshake_timeout_ms: u64,
+    /// A connection silent this long is closed.
+    #[arg(long, env = "CHATIFY_HEARTBEAT_TIMEOUT_MS", default_value_t = 90_000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Sustained `send` frames per second per connection.
+    #[arg(long, env = "CHATIFY_SEND_RATE_PER_SECOND", default_value_t = 50)]
+    pub send_rate_per_second: u32,
+    /// Burst of `send` frames allowed above the sustained rate.
+    #[arg(long, env = "CHATIFY_SEND_BURST", default_value_t = 100)]
+    pub send_burst: u32,
+    /// Rate-limited frames in a row before the connection is closed for abuse.
+    #[arg(long, env = "CHATIFY_RATE_LIMIT_STRIKES_MAX", default_value_t = 20)]
+    pub rate_limit_strikes_max: u32,
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&'static str, u64); 8] = [
+            ("CHATIFY_CONNECTIONS_MAX", self.connections_max as u64),
+            ("CHATIFY_FRAME_BYTES_MAX", self.frame_bytes_max as u64),
+            (
+                "CHATIFY_SEND_QUEUE_FRAMES_MAX",
+                self.send_queue_frames_max as u64,
+            ),
+            ("CHATIFY_HANDSHAKE_TIMEOUT_MS", self.handshake_timeout_ms),
+            ("CHATIFY_HEARTBEAT_TIMEOUT_MS", self.heartbeat_timeout_ms),
+            (
+                "CHATIFY_SEND_RATE_PER_SECOND",
+                u64::from(self.send_rate_per_second),
+            ),
+            ("CHATIFY_SEND_BURST", u64::from(self.send_burst)),
+            (
+                "CHATIFY_RATE_LIMIT_STRIKES_MAX",
+                u64::from(self.rate_limit_strikes_max),
+            ),
+        ];
+        if let Some((variable, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::new(variable, "must be greater than 0"));
+        }
+        if self.message_bytes_max < self.frame_bytes_max {
+            return Err(ConfigError::new(
+                "CHATIFY_MESSAGE_BYTES_MAX",
+                "must be at least CHATIFY_FRAME_BYTES_MAX",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -38,6 +129,11 @@ impl std::fmt::Debug for Config {
             .field("admin_addr", &self.admin_addr)
             .field("node_id", &self.node_id)
             .field("jwt_secret", &"<redacted>")
+            .field("ws_addr", &self.ws_addr)
+            .field("tcp_addr", &self.tcp_addr)
+            .field("shards", &self.shards)
+            .field("io_driver", &self.io_driver)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -53,7 +149,21 @@ impl Config {
                 format!("must be at least {JWT_SECRET_BYTES_MIN} bytes"),
             ));
         }
-        Ok(())
+        if self.ws_addr == self.tcp_addr {
+            return Err(ConfigError::new(
+                "CHATIFY_TCP_ADDR",
+                "must differ from CHATIFY_WS_ADDR",
+            ));
+        }
+        self.limits.validate()
+    }
+
+    /// Shards to run: the configured count, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism().map_or(1, usize::from)
     }
 }
 

@@ -1,9 +1,15 @@
 //! gateway-uring: holds client WebSocket and TCP connections on monoio shards (one pinned
 //! thread per core, io_uring), authenticates them, publishes what clients send to
-//! `chatify.upstream` and pushes acks, deliveries and events back down (SPEC §3). Today it
-//! holds the config, validation and readiness probes; the shards arrive with issue 3.
+//! `chatify.upstream` and pushes acks, deliveries and events back down (SPEC §3). Frames are
+//! decoded, validated and handed to one [`handler::FrameHandler`]; routing them through
+//! Kafka arrives with issue 6.
 
+pub mod auth;
 pub mod config;
+pub mod conn;
+pub mod handler;
+pub mod redis_bridge;
+pub mod shard;
 
 use chatify_core::probe::{KafkaProbe, Readiness, RedisProbe};
 

@@ -1,5 +1,10 @@
+use std::sync::Arc;
+
 use anyhow::Context as _;
+use gateway_uring::auth::Authenticator;
 use gateway_uring::config::Config;
+use gateway_uring::redis_bridge::RedisBridge;
+use gateway_uring::shard::{self, NodeShared, ShardCommand, ShardSetup};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -9,8 +14,8 @@ fn main() -> anyhow::Result<()> {
     chatify_core::config::load_env_file()?;
     let config: Config = chatify_core::config::parse().unwrap_or_else(|error| error.exit());
     config.validate()?;
-    // The admin endpoints are cold-path: a small tokio runtime on this thread, apart from
-    // the monoio shards that will own the connections.
+    // The admin endpoints and the Redis bridge are cold-path: a small tokio runtime on this
+    // thread, apart from the monoio shards that own the connections.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -25,11 +30,53 @@ fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )
         .await?;
-        tracing::info!(node_id = %config.node_id, "gateway-uring started");
+        let redis = RedisBridge::start(redis::Client::open(config.redis.redis_url.as_str())?)
+            .context("cannot start the redis bridge")?;
+        let auth = Authenticator::hs256(config.jwt_secret.as_bytes());
+        let node = Arc::new(NodeShared::default());
+        let mut shards = Vec::new();
+        for index in 0..config.shard_count() {
+            let setup = ShardSetup {
+                index,
+                ws_addr: config.ws_addr,
+                tcp_addr: config.tcp_addr,
+                io_driver: config.io_driver,
+                limits: config.limits,
+                auth: auth.clone(),
+                redis: redis.clone(),
+                node: Arc::clone(&node),
+            };
+            shards.push(shard::spawn(setup).with_context(|| {
+                format!(
+                    "cannot start shard {index} on CHATIFY_WS_ADDR {} / CHATIFY_TCP_ADDR {}",
+                    config.ws_addr, config.tcp_addr
+                )
+            })?);
+        }
+        tracing::info!(
+            node_id = %config.node_id,
+            shards = shards.len(),
+            ws = %config.ws_addr,
+            tcp = %config.tcp_addr,
+            "gateway-uring started"
+        );
         chatify_core::telemetry::shutdown_signal().await;
+        for shard in &shards {
+            let _ = shard.inbox.send_async(ShardCommand::Shutdown).await;
+        }
+        for shard in shards {
+            let joined = tokio::task::spawn_blocking(move || shard.thread.join())
+                .await
+                .context("join shard")?;
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "shard failed"),
+                Err(_) => tracing::error!("shard panicked"),
+            }
+        }
         shutdown.cancel();
         admin.await.context("admin server task")??;
-        tracing::info!("gateway-uring stopped");
+        tracing::info!(live = node.live_connections(), "gateway-uring stopped");
         Ok(())
     })
 }

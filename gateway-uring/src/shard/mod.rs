@@ -1,0 +1,296 @@
+//! Shards: one monoio runtime per core on a pinned thread, each with its own SO_REUSEPORT
+//! WebSocket and TCP listeners, connection table and handler. Nothing on the hot path is
+//! shared between shards; the only things that cross are [`ShardCommand`]s over each
+//! shard's bounded inbox and the node-wide connection counter touched at connect and close.
+
+mod connection;
+mod tcp_conn;
+mod writer;
+mod ws_conn;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::auth::Authenticator;
+use crate::config::{IoDriver, Limits};
+use crate::handler::UnroutedHandler;
+use crate::redis_bridge::RedisBridge;
+
+pub use writer::OutboundQueue;
+
+/// io_uring submission queue entries per shard.
+const URING_ENTRIES: u32 = 1024;
+/// Commands waiting in one shard's inbox.
+pub const SHARD_INBOX_MAX: usize = 1024;
+/// Most inbox commands handled per wake-up (drained in bulk, bounded so accepts interleave).
+const INBOX_DRAIN_MAX: usize = 256;
+
+/// Everything that may cross from one thread into a shard. Closed on purpose: adding a
+/// cross-shard interaction means adding a variant here.
+#[derive(Debug)]
+pub enum ShardCommand {
+    /// Stop accepting, close every connection with 1001, then exit.
+    Shutdown,
+}
+
+/// State of the whole node, shared by all shards (crosses shards). Touched only when a
+/// connection opens or closes, never per frame.
+#[derive(Debug, Default)]
+pub struct NodeShared {
+    connections: AtomicUsize,
+}
+
+impl NodeShared {
+    /// Claims a connection slot; `None` when the node is full.
+    pub fn try_claim(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        let claimed = self
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                (live < max).then_some(live + 1)
+            })
+            .is_ok();
+        claimed.then(|| ConnectionSlot(Arc::clone(self)))
+    }
+
+    pub fn live_connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// A claimed connection slot, released on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<NodeShared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("chatify_gateway_connections").decrement(1.0);
+    }
+}
+
+/// What one shard needs to run; built on the main thread, moved into the shard thread.
+#[derive(Debug, Clone)]
+pub struct ShardSetup {
+    pub index: usize,
+    pub ws_addr: SocketAddr,
+    pub tcp_addr: SocketAddr,
+    pub io_driver: IoDriver,
+    pub limits: Limits,
+    pub auth: Authenticator,
+    pub redis: RedisBridge,
+    pub node: Arc<NodeShared>,
+}
+
+/// Shard-local state every connection task of the shard can reach.
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) limits: Limits,
+    pub(crate) auth: Authenticator,
+    pub(crate) redis: RedisBridge,
+    pub(crate) node: Arc<NodeShared>,
+    pub(crate) handler: UnroutedHandler,
+    /// Live connections of this shard by connection id.
+    pub(crate) connections: RefCell<HashMap<u64, OutboundQueue>>,
+    next_connection: std::cell::Cell<u64>,
+    pub(crate) shutting_down: std::cell::Cell<bool>,
+}
+
+impl Shard {
+    /// Node-unique connection id: shard index in the top 16 bits.
+    pub(crate) fn next_connection_id(&self) -> u64 {
+        let local = self.next_connection.get() + 1;
+        self.next_connection.set(local);
+        ((self.index as u64) << 48) | (local & ((1 << 48) - 1))
+    }
+
+    pub(crate) fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.heartbeat_timeout_ms)
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.handshake_timeout_ms)
+    }
+}
+
+/// A running shard thread and its inbox.
+#[derive(Debug)]
+pub struct ShardHandle {
+    pub inbox: flume::Sender<ShardCommand>,
+    pub thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts one shard thread; listeners are bound before this returns, so a taken port fails
+/// start-up instead of a shard dying later.
+pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
+    let (inbox, commands) = flume::bounded(SHARD_INBOX_MAX);
+    let ws_listener = bind_reuse_port(setup.ws_addr)?;
+    let tcp_listener = bind_reuse_port(setup.tcp_addr)?;
+    let thread = std::thread::Builder::new()
+        .name(format!("shard-{}", setup.index))
+        .spawn(move || {
+            // Pinning keeps a shard's caches warm; failure (e.g. a restricted cpuset) is
+            // logged, not fatal.
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            if let Err(error) = monoio::utils::bind_to_cpu_set([setup.index % cores]) {
+                tracing::warn!(shard = setup.index, ?error, "cannot pin shard to a core");
+            }
+            let driver = setup.io_driver;
+            run_on_driver(driver, setup.index, move || {
+                run_shard(setup, ws_listener, tcp_listener, commands)
+            })
+        })?;
+    Ok(ShardHandle { inbox, thread })
+}
+
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    // Every shard binds the same address; the kernel spreads new connections over them.
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Runs `shard` on the requested monoio driver, logging which one it got.
+fn run_on_driver<F, Fut>(driver: IoDriver, index: usize, shard: F) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
+    let uring_available = monoio::utils::detect_uring();
+    let use_uring = match driver {
+        IoDriver::Auto => uring_available,
+        IoDriver::Uring if !uring_available => {
+            return Err(std::io::Error::other(
+                "CHATIFY_IO_DRIVER=uring but io_uring is not available (kernel, seccomp or RLIMIT_MEMLOCK)",
+            ));
+        }
+        IoDriver::Uring => true,
+        IoDriver::Legacy => false,
+    };
+    if use_uring {
+        tracing::info!(shard = index, driver = "io_uring", "shard started");
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()?
+            .block_on(shard())
+    } else {
+        tracing::info!(shard = index, driver = "epoll", "shard started");
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(shard())
+    }
+}
+
+async fn run_shard(
+    setup: ShardSetup,
+    ws_listener: std::net::TcpListener,
+    tcp_listener: std::net::TcpListener,
+    commands: flume::Receiver<ShardCommand>,
+) -> std::io::Result<()> {
+    let ws_listener = monoio::net::TcpListener::from_std(ws_listener)?;
+    let tcp_listener = monoio::net::TcpListener::from_std(tcp_listener)?;
+    let shard = Rc::new(Shard {
+        index: setup.index,
+        limits: setup.limits,
+        auth: setup.auth,
+        redis: setup.redis,
+        node: setup.node,
+        handler: UnroutedHandler,
+        connections: RefCell::new(HashMap::new()),
+        next_connection: std::cell::Cell::new(0),
+        shutting_down: std::cell::Cell::new(false),
+    });
+    let ws_accept = monoio::spawn(accept_loop(
+        Rc::clone(&shard),
+        ws_listener,
+        Transport::WebSocket,
+    ));
+    let tcp_accept = monoio::spawn(accept_loop(Rc::clone(&shard), tcp_listener, Transport::Tcp));
+
+    'inbox: while let Ok(first) = commands.recv_async().await {
+        let mut batch = vec![first];
+        while batch.len() < INBOX_DRAIN_MAX {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        for command in batch {
+            if handle_command(command).is_break() {
+                break 'inbox;
+            }
+        }
+    }
+
+    // Shutdown (or every sender gone): stop accepting, ask every connection to close.
+    shard.shutting_down.set(true);
+    drop(ws_accept);
+    drop(tcp_accept);
+    let queues: Vec<OutboundQueue> = shard.connections.borrow().values().cloned().collect();
+    for queue in &queues {
+        queue.close(1001, "server shutting down");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !shard.connections.borrow().is_empty() && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(shard = shard.index, "shard stopped");
+    Ok(())
+}
+
+/// One inbox command; `Break` stops the shard.
+fn handle_command(command: ShardCommand) -> std::ops::ControlFlow<()> {
+    match command {
+        ShardCommand::Shutdown => std::ops::ControlFlow::Break(()),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    WebSocket,
+    Tcp,
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, transport: Transport) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning; existing connections
+                // keep working.
+                metrics::counter!("chatify_gateway_accept_errors_total").increment(1);
+                tracing::warn!(shard = shard.index, %error, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shard.shutting_down.get() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let shard = Rc::clone(&shard);
+        match transport {
+            Transport::WebSocket => {
+                monoio::spawn(ws_conn::serve(shard, stream, peer));
+            }
+            Transport::Tcp => {
+                monoio::spawn(tcp_conn::serve(shard, stream, peer));
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! A TCP connection (shard-local): 4-byte big-endian length + protobuf frames; the first
+//! frame must be `auth` within the handshake deadline. There are no close codes on plain
+//! TCP, so every refusal is an `error` frame followed by closing the socket.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use chatify_proto::Message as _;
+use chatify_proto::client::v1::{
+    AuthOk, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame,
+};
+use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
+use monoio::net::TcpStream;
+
+use super::Shard;
+use super::connection::{CloseReason, Connection, remaining};
+use super::writer::{self, Framing, OutboundQueue};
+use super::ws_conn::{authenticate, read_more};
+use crate::auth::Identity;
+use crate::conn::tcp::{LengthDecoder, length_prefix};
+use crate::handler::{ConnectionContext, Transport};
+
+fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
+    let frame = ServerFrame {
+        frame: Some(server_frame::Frame::Error(
+            chatify_proto::client::v1::Error {
+                code: code.into(),
+                reason: reason.to_owned(),
+                client_msg_id: None,
+                request_id: None,
+            },
+        )),
+    };
+    let payload = frame.encode_to_vec();
+    let mut framed = Vec::with_capacity(payload.len() + 4);
+    framed.extend_from_slice(&length_prefix(payload.len()));
+    framed.extend_from_slice(&payload);
+    Bytes::from(framed)
+}
+
+pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
+    let Some(slot) = shard.node.try_claim(shard.limits.connections_max) else {
+        metrics::counter!("chatify_gateway_refusals_total", "reason" => "connections_max")
+            .increment(1);
+        let _ = stream
+            .write_all(error_frame(
+                ErrorCode::Unavailable,
+                "connection limit reached",
+            ))
+            .await;
+        return;
+    };
+    metrics::gauge!("chatify_gateway_connections").increment(1.0);
+    let mut decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
+    let deadline = Instant::now() + shard.handshake_timeout();
+    let mut buffer = BytesMut::with_capacity(4096);
+    // The auth frame.
+    let payload = loop {
+        match decoder.decode(&mut buffer) {
+            Ok(Some(payload)) => break payload,
+            Ok(None) => {}
+            Err(error) => {
+                let _ = stream
+                    .write_all(error_frame(ErrorCode::BadRequest, error.reason()))
+                    .await;
+                return;
+            }
+        }
+        let read = monoio::time::timeout(remaining(deadline), read_more(&mut stream, buffer)).await;
+        let Ok((result, returned)) = read else {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "handshake_timeout")
+                .increment(1);
+            let _ = stream
+                .write_all(error_frame(ErrorCode::Unauthorized, "auth timeout"))
+                .await;
+            return;
+        };
+        buffer = returned;
+        if !matches!(result, Ok(n) if n > 0) {
+            return;
+        }
+    };
+    let token = match ClientFrame::decode(payload) {
+        Ok(ClientFrame {
+            frame: Some(client_frame::Frame::Auth(auth)),
+        }) => auth.token,
+        _ => {
+            let _ = stream
+                .write_all(error_frame(
+                    ErrorCode::Unauthorized,
+                    "the first frame must be auth",
+                ))
+                .await;
+            return;
+        }
+    };
+    let identity = match authenticate(&shard, &token).await {
+        Ok(identity) => identity,
+        Err(error) => {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => error.label())
+                .increment(1);
+            let code = if error == crate::auth::AuthError::Unavailable {
+                ErrorCode::Unavailable
+            } else {
+                ErrorCode::Unauthorized
+            };
+            let _ = stream
+                .write_all(error_frame(code, &error.to_string()))
+                .await;
+            return;
+        }
+    };
+    run(shard, stream, identity, buffer, decoder).await;
+    drop(slot);
+}
+
+async fn run(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    identity: Identity,
+    mut buffer: BytesMut,
+    mut decoder: LengthDecoder,
+) {
+    let connection_id = shard.next_connection_id();
+    let queue = OutboundQueue::new(Framing::Tcp, shard.limits.send_queue_frames_max);
+    shard
+        .connections
+        .borrow_mut()
+        .insert(connection_id, queue.clone());
+    let (mut reader, write_half) = stream.into_split();
+    let writer = monoio::spawn(writer::run(queue.clone(), write_half));
+    let auth_ok = server_frame::Frame::AuthOk(AuthOk {
+        user_id: identity.user_id.clone(),
+        device_id: identity.device_id.clone(),
+    });
+    let context = ConnectionContext {
+        connection_id,
+        identity,
+        transport: Transport::Tcp,
+    };
+    let mut connection = Connection::new(&shard, context, queue.clone());
+    let mut close = connection.reply(auth_ok).err();
+
+    while close.is_none() {
+        loop {
+            let payload = match decoder.decode(&mut buffer) {
+                Ok(Some(payload)) => payload,
+                Ok(None) => break,
+                Err(error) => {
+                    let _ = connection.reply(tcp_error(ErrorCode::TooLarge, error.reason()));
+                    close = Some(CloseReason::new(1009, "frame too large"));
+                    break;
+                }
+            };
+            let outcome = match ClientFrame::decode(payload) {
+                Ok(ClientFrame { frame: Some(frame) }) => {
+                    connection.on_frame(&shard, Transport::Tcp, frame).await
+                }
+                _ => {
+                    let _ = connection
+                        .reply(tcp_error(ErrorCode::BadRequest, "invalid protobuf frame"));
+                    Err(CloseReason::new(1007, "invalid protobuf frame"))
+                }
+            };
+            if let Err(reason) = outcome {
+                close = Some(reason);
+                break;
+            }
+        }
+        if close.is_some() || queue.is_finished() {
+            break;
+        }
+        let read =
+            monoio::time::timeout(shard.heartbeat_timeout(), read_more(&mut reader, buffer)).await;
+        let Ok((result, returned)) = read else {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
+                .increment(1);
+            break;
+        };
+        buffer = returned;
+        if !matches!(result, Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let reason = close.unwrap_or(CloseReason::new(1000, "closing"));
+    queue.close_with(reason.code, reason.reason, reason.reason == "slow consumer");
+    drop(reader);
+    writer.await;
+    shard.connections.borrow_mut().remove(&connection_id);
+}
+
+fn tcp_error(code: ErrorCode, reason: &str) -> server_frame::Frame {
+    server_frame::Frame::Error(chatify_proto::client::v1::Error {
+        code: code.into(),
+        reason: reason.to_owned(),
+        client_msg_id: None,
+        request_id: None,
+    })
+}

@@ -1,0 +1,200 @@
+//! The outbound side of a connection (shard-local): a bounded queue of pre-encoded frames
+//! and the writer task that drains it with one coalesced write per wake-up. A payload
+//! pushed to many connections is one shared `Bytes`; each connection copies it once into
+//! its write buffer alongside its small frame header.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use monoio::io::AsyncWriteRentExt as _;
+
+use crate::conn::{tcp, ws};
+
+/// Most bytes gathered into one write.
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// How frames are framed on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    WebSocket,
+    Tcp,
+}
+
+/// One frame waiting to be written.
+#[derive(Debug)]
+enum Outbound {
+    /// WebSocket frame: opcode + shared payload.
+    Ws { opcode: ws::Opcode, payload: Bytes },
+    /// Length-prefixed TCP frame.
+    Tcp { payload: Bytes },
+}
+
+/// The queue is at its bound: the client does not read fast enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+#[derive(Debug)]
+struct State {
+    framing: Framing,
+    frames: VecDeque<Outbound>,
+    frames_max: usize,
+    /// A close requested by the server: (code, reason). Written after nothing else.
+    close: Option<(u16, &'static str)>,
+    /// The writer finished (closed or the socket broke); pushes are dropped.
+    finished: bool,
+    waker: Option<Waker>,
+}
+
+/// Handle to a connection's outbound queue. Shard-local (`Rc`), cloned into the connection
+/// table so other tasks of the shard can push to it.
+#[derive(Debug, Clone)]
+pub struct OutboundQueue(Rc<RefCell<State>>);
+
+impl OutboundQueue {
+    pub fn new(framing: Framing, frames_max: usize) -> Self {
+        Self(Rc::new(RefCell::new(State {
+            framing,
+            frames: VecDeque::with_capacity(frames_max.min(16)),
+            frames_max,
+            close: None,
+            finished: false,
+            waker: None,
+        })))
+    }
+
+    /// Queues a data frame (JSON text, protobuf binary, or a TCP frame).
+    pub fn push(&self, binary: bool, payload: Bytes) -> Result<(), QueueFull> {
+        let mut state = self.0.borrow_mut();
+        if state.finished || state.close.is_some() {
+            return Ok(());
+        }
+        if state.frames.len() >= state.frames_max {
+            return Err(QueueFull);
+        }
+        let frame = match state.framing {
+            Framing::WebSocket => Outbound::Ws {
+                opcode: if binary {
+                    ws::Opcode::Binary
+                } else {
+                    ws::Opcode::Text
+                },
+                payload,
+            },
+            Framing::Tcp => Outbound::Tcp { payload },
+        };
+        state.frames.push_back(frame);
+        wake(&mut state);
+        Ok(())
+    }
+
+    /// Queues a WebSocket control frame (pong); control frames skip the bound, they are
+    /// tiny and answering pings keeps a healthy client alive.
+    pub fn push_control(&self, opcode: ws::Opcode, payload: Bytes) {
+        let mut state = self.0.borrow_mut();
+        if state.finished || state.close.is_some() || state.framing != Framing::WebSocket {
+            return;
+        }
+        state.frames.push_back(Outbound::Ws { opcode, payload });
+        wake(&mut state);
+    }
+
+    /// Asks the writer to send a close (WebSocket close frame; TCP just ends) and stop.
+    /// The first close wins. `drop_pending` discards frames not yet written (slow reader).
+    pub fn close_with(&self, code: u16, reason: &'static str, drop_pending: bool) {
+        let mut state = self.0.borrow_mut();
+        if state.close.is_none() {
+            state.close = Some((code, reason));
+        }
+        if drop_pending {
+            state.frames.clear();
+        }
+        wake(&mut state);
+    }
+
+    /// [`Self::close_with`] after the frames already queued.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        self.close_with(code, reason, false);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.0.borrow().finished
+    }
+
+    /// Waits for work, then moves queued frames (and a pending close) into `out`.
+    /// Returns true when the connection must close after this write.
+    async fn fill(&self, out: &mut BytesMut) -> bool {
+        poll_fn(|cx| {
+            let mut state = self.0.borrow_mut();
+            if state.frames.is_empty() && state.close.is_none() {
+                state.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            while out.len() < WRITE_BATCH_BYTES_MAX {
+                let Some(frame) = state.frames.pop_front() else {
+                    break;
+                };
+                match frame {
+                    Outbound::Ws { opcode, payload } => {
+                        let (header, header_len) = ws::frame_header(opcode, payload.len());
+                        out.put_slice(&header[..header_len]);
+                        out.put_slice(&payload);
+                    }
+                    Outbound::Tcp { payload } => {
+                        out.put_slice(&tcp::length_prefix(payload.len()));
+                        out.put_slice(&payload);
+                    }
+                }
+            }
+            if !state.frames.is_empty() {
+                return Poll::Ready(false);
+            }
+            match state.close {
+                Some((code, reason)) => {
+                    if state.framing == Framing::WebSocket {
+                        ws::encode_close(code, reason, out);
+                    }
+                    Poll::Ready(true)
+                }
+                None => Poll::Ready(false),
+            }
+        })
+        .await
+    }
+
+    fn finish(&self) {
+        let mut state = self.0.borrow_mut();
+        state.finished = true;
+        state.frames.clear();
+    }
+}
+
+fn wake(state: &mut State) {
+    if let Some(waker) = state.waker.take() {
+        waker.wake();
+    }
+}
+
+/// Drains the queue into the socket until a close is written or the socket breaks.
+pub async fn run<W: monoio::io::AsyncWriteRent>(queue: OutboundQueue, mut sink: W) {
+    let mut buffer = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let closing = queue.fill(&mut buffer).await;
+        if !buffer.is_empty() {
+            let (result, written) = sink.write_all(buffer).await;
+            buffer = written;
+            buffer.clear();
+            if result.is_err() {
+                break;
+            }
+        }
+        if closing {
+            let _ = sink.shutdown().await;
+            break;
+        }
+    }
+    queue.finish();
+}

@@ -1,0 +1,248 @@
+//! A WebSocket connection from accept to close (shard-local): upgrade request under the
+//! handshake deadline, authentication (401 before the upgrade), then the read loop that
+//! decodes frames in place and the writer task that owns the write half.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Buf as _, BytesMut};
+use chatify_proto::Message as _;
+use chatify_proto::client::v1::ClientFrame;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt as _, Splitable as _};
+use monoio::net::TcpStream;
+
+use super::connection::{CloseReason, Connection, remaining};
+use super::writer::{self, Framing, OutboundQueue};
+use super::{ConnectionSlot, Shard};
+use crate::auth::{AuthError, Identity};
+use crate::conn::ws::{self, HttpErrorStatus};
+use crate::handler::{ConnectionContext, Transport};
+
+/// Bytes reserved ahead of each read.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Reads more bytes into the spare capacity of `buffer` (after what it holds).
+pub(super) async fn read_more<R: AsyncReadRent>(
+    reader: &mut R,
+    mut buffer: BytesMut,
+) -> (std::io::Result<usize>, BytesMut) {
+    use monoio::buf::IoBufMut as _;
+    buffer.reserve(READ_CHUNK_BYTES);
+    let start = buffer.len();
+    let end = buffer.capacity();
+    let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
+    (result, slice.into_inner())
+}
+
+pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
+    let Some(slot) = shard.node.try_claim(shard.limits.connections_max) else {
+        metrics::counter!("chatify_gateway_refusals_total", "reason" => "connections_max")
+            .increment(1);
+        let _ = stream
+            .write_all(http_error(
+                HttpErrorStatus::ServiceUnavailable,
+                "connection limit reached",
+            ))
+            .await;
+        return;
+    };
+    metrics::gauge!("chatify_gateway_connections").increment(1.0);
+    let Some((identity, buffer)) = upgrade(&shard, &mut stream).await else {
+        return;
+    };
+    run(shard, stream, identity, buffer, slot).await;
+}
+
+/// Reads and answers the upgrade request; `None` when the connection was refused.
+async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, BytesMut)> {
+    let deadline = Instant::now() + shard.handshake_timeout();
+    let mut buffer = BytesMut::with_capacity(4096);
+    let request = loop {
+        match ws::parse_upgrade(&buffer) {
+            Ok(Some((request, consumed))) => {
+                buffer.advance(consumed);
+                break request;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                metrics::counter!("chatify_gateway_refusals_total", "reason" => "bad_handshake")
+                    .increment(1);
+                let mut response = BytesMut::new();
+                error.encode_response(&mut response);
+                let _ = stream.write_all(response).await;
+                return None;
+            }
+        }
+        let read = monoio::time::timeout(remaining(deadline), read_more(stream, buffer)).await;
+        let Ok((result, returned)) = read else {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "handshake_timeout")
+                .increment(1);
+            let _ = stream
+                .write_all(http_error(
+                    HttpErrorStatus::RequestTimeout,
+                    "handshake timeout",
+                ))
+                .await;
+            return None;
+        };
+        buffer = returned;
+        match result {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    };
+    if request.path != "/ws" {
+        let _ = stream
+            .write_all(http_error(
+                HttpErrorStatus::NotFound,
+                "websocket endpoint is /ws",
+            ))
+            .await;
+        return None;
+    }
+    match authenticate(shard, request.token().unwrap_or("")).await {
+        Ok(identity) => {
+            let mut response = BytesMut::new();
+            ws::encode_switching_protocols(&request.sec_websocket_key, &mut response);
+            let (result, _) = stream.write_all(response).await;
+            result.ok()?;
+            Some((identity, buffer))
+        }
+        Err(error) => {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => error.label())
+                .increment(1);
+            let status = if error == AuthError::Unavailable {
+                HttpErrorStatus::ServiceUnavailable
+            } else {
+                HttpErrorStatus::Unauthorized
+            };
+            let _ = stream
+                .write_all(http_error(status, error_text(error)))
+                .await;
+            None
+        }
+    }
+}
+
+fn http_error(status: HttpErrorStatus, body: &str) -> BytesMut {
+    let mut response = BytesMut::new();
+    ws::encode_error_response(status, body, &mut response);
+    response
+}
+
+/// Verifies the token and checks the deny-list (fails closed when Redis is down).
+pub(super) async fn authenticate(shard: &Shard, token: &str) -> Result<Identity, AuthError> {
+    let identity = shard.auth.verify(token)?;
+    match shard.redis.is_revoked(&identity.jti).await {
+        Ok(false) => Ok(identity),
+        Ok(true) => Err(AuthError::Revoked),
+        Err(_) => Err(AuthError::Unavailable),
+    }
+}
+
+fn error_text(error: AuthError) -> &'static str {
+    match error {
+        AuthError::Missing => "missing token",
+        AuthError::Malformed => "malformed token",
+        AuthError::Algorithm => "token algorithm not allowed",
+        AuthError::Signature => "bad token signature",
+        AuthError::Expired => "token expired",
+        AuthError::NotYetValid => "token not yet valid",
+        AuthError::Claims => "token claims invalid",
+        AuthError::Revoked => "token revoked",
+        AuthError::Unavailable => "authentication unavailable, retry later",
+    }
+}
+
+async fn run(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    identity: Identity,
+    mut buffer: BytesMut,
+    _slot: ConnectionSlot,
+) {
+    let connection_id = shard.next_connection_id();
+    let queue = OutboundQueue::new(Framing::WebSocket, shard.limits.send_queue_frames_max);
+    shard
+        .connections
+        .borrow_mut()
+        .insert(connection_id, queue.clone());
+    let (mut reader, write_half) = stream.into_split();
+    let writer = monoio::spawn(writer::run(queue.clone(), write_half));
+    let context = ConnectionContext {
+        connection_id,
+        identity,
+        transport: Transport::WebSocketText,
+    };
+    let mut connection = Connection::new(&shard, context, queue.clone());
+    let mut decoder =
+        ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
+
+    let close = 'connection: loop {
+        // Every complete message already in the buffer, in order.
+        loop {
+            let message = match decoder.decode(&mut buffer) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(error) => {
+                    metrics::counter!("chatify_gateway_refusals_total", "reason" => "ws_protocol")
+                        .increment(1);
+                    break 'connection CloseReason::new(error.close_code(), error.reason());
+                }
+            };
+            let outcome = match message {
+                ws::Message::Text(payload) => {
+                    match chatify_proto::json::decode_client_frame(&payload) {
+                        Ok(frame) => {
+                            connection
+                                .on_frame(&shard, Transport::WebSocketText, frame)
+                                .await
+                        }
+                        Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
+                    }
+                }
+                ws::Message::Binary(payload) => match ClientFrame::decode(payload) {
+                    Ok(ClientFrame { frame: Some(frame) }) => {
+                        connection
+                            .on_frame(&shard, Transport::WebSocketBinary, frame)
+                            .await
+                    }
+                    Ok(ClientFrame { frame: None }) => {
+                        Err(CloseReason::new(1007, "empty protobuf frame"))
+                    }
+                    Err(_) => Err(CloseReason::new(1007, "invalid protobuf frame")),
+                },
+                ws::Message::Ping(payload) => {
+                    queue.push_control(ws::Opcode::Pong, payload);
+                    Ok(())
+                }
+                ws::Message::Pong(_) => Ok(()),
+                ws::Message::Close(_) => Err(CloseReason::new(1000, "closing")),
+            };
+            if let Err(close) = outcome {
+                break 'connection close;
+            }
+        }
+        if queue.is_finished() {
+            break CloseReason::new(1000, "write side closed");
+        }
+        let read =
+            monoio::time::timeout(shard.heartbeat_timeout(), read_more(&mut reader, buffer)).await;
+        let Ok((result, returned)) = read else {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
+                .increment(1);
+            break CloseReason::new(1000, "heartbeat timeout");
+        };
+        buffer = returned;
+        match result {
+            Ok(0) | Err(_) => break CloseReason::new(1000, "peer gone"),
+            Ok(_) => {}
+        }
+    };
+    // A slow reader's pending frames are dropped so the close goes out at once.
+    let slow = close.reason == "slow consumer";
+    queue.close_with(close.code, close.reason, slow);
+    drop(reader);
+    writer.await;
+    shard.connections.borrow_mut().remove(&connection_id);
+}

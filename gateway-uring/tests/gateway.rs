@@ -1,0 +1,681 @@
+//! Black-box tests: the real gateway binary on loopback, driven by a real WebSocket client
+//! (tokio-tungstenite) and raw sockets for what a well-behaved client cannot send. Every
+//! scenario runs on both monoio drivers (epoll, and io_uring where the kernel allows it).
+//! Needs Redis from `scripts/services.sh up` (the token deny-list).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt as _, StreamExt as _};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const SECRET: &str = "gateway-test-secret-0123456789-abcdefghij";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn redis_url() -> String {
+    chatify_core::config::load_repo_env(env!("CARGO_MANIFEST_DIR").as_ref())
+        .unwrap_or_else(|error| panic!("{error}"));
+    std::env::var("REDIS_URL").expect("REDIS_URL in .local/chatify.env")
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("ephemeral port")
+}
+
+/// The io_uring driver is tested where the kernel lets this process use it.
+fn drivers() -> Vec<&'static str> {
+    let mut drivers = vec!["legacy"];
+    if monoio::utils::detect_uring() {
+        drivers.push("uring");
+    } else {
+        eprintln!("io_uring is not available to this process: testing the epoll driver only");
+    }
+    drivers
+}
+
+struct Gateway {
+    child: Child,
+    ws: SocketAddr,
+    tcp: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn start(driver: &str, extra: &[(&str, &str)]) -> Self {
+        let (ws, tcp, admin) = (free_addr(), free_addr(), free_addr());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway-uring"));
+        command
+            .env("JWT_SECRET", SECRET)
+            .env("REDIS_URL", redis_url())
+            .env("CHATIFY_WS_ADDR", ws.to_string())
+            .env("CHATIFY_TCP_ADDR", tcp.to_string())
+            .env("CHATIFY_ADMIN_ADDR", admin.to_string())
+            .env("CHATIFY_IO_DRIVER", driver)
+            .env("CHATIFY_SHARDS", "2")
+            .env("RUST_LOG", "warn")
+            .env_remove("CHATIFY_ENV_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (variable, value) in extra {
+            command.env(variable, value);
+        }
+        let child = command.spawn().expect("spawn gateway");
+        let gateway = Self {
+            child,
+            ws,
+            tcp,
+            admin,
+        };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(ws).is_err()
+            || std::net::TcpStream::connect(tcp).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not listen within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gateway
+    }
+
+    /// The value of one counter line in /metrics (0 when absent).
+    async fn counter(&self, line_prefix: &str) -> f64 {
+        let mut socket = TcpStream::connect(self.admin).await.expect("admin");
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut response = String::new();
+        socket
+            .read_to_string(&mut response)
+            .await
+            .expect("response");
+        response
+            .lines()
+            .find(|line| line.starts_with(line_prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn url(&self, token: &str) -> String {
+        format!("ws://{}/ws?token={token}", self.ws)
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token_for(user: &str, jti: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": user, "did": "device-1", "jti": jti, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode token")
+}
+
+fn token(user: &str) -> String {
+    token_for(
+        user,
+        &format!("jti-{user}-{}", std::process::id()),
+        now() + 600,
+    )
+}
+
+type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn connect(gateway: &Gateway, user: &str) -> Client {
+    let (client, response) = tokio_tungstenite::connect_async(gateway.url(&token(user)))
+        .await
+        .expect("websocket upgrade");
+    assert_eq!(response.status(), 101);
+    client
+}
+
+async fn next_json(client: &mut Client) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("stream open")
+            .expect("valid frame");
+        match message {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("json frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code and reason.
+async fn close_of(client: &mut Client) -> (u16, String) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(WAIT, client.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Ok(Some(Ok(Message::Close(None)))) => return (1005, String::new()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(error))) => panic!("connection failed before a close frame: {error}"),
+            Ok(None) => panic!("connection ended without a close frame"),
+            Err(_) => break,
+        }
+    }
+    panic!("no close frame within {WAIT:?}");
+}
+
+async fn http_status_of_upgrade(gateway: &Gateway, url: String) -> (u16, String) {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|body| String::from_utf8_lossy(body).into_owned())
+                .unwrap_or_default();
+            (response.status().as_u16(), body)
+        }
+        other => panic!(
+            "expected an HTTP refusal from {}, got {:?}",
+            gateway.ws,
+            other.map(|(_, r)| r.status())
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_before_the_upgrade() {
+    let mut redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let revoked_jti = format!("revoked-{}", std::process::id());
+    let _: () = redis::cmd("SET")
+        .arg(chatify_core::keys::revoked_token(&revoked_jti))
+        .arg(1)
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut redis)
+        .await
+        .expect("revoke");
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[]);
+        let cases = [
+            (format!("ws://{}/ws", gateway.ws), "missing token"),
+            (gateway.url("garbage"), "malformed token"),
+            (
+                gateway.url(&token_for("u1", "j", now() - 3600)),
+                "token expired",
+            ),
+            (
+                gateway.url(&token_for("u1", &revoked_jti, now() + 600)),
+                "token revoked",
+            ),
+        ];
+        for (url, expected) in cases {
+            let (status, body) = http_status_of_upgrade(&gateway, url).await;
+            assert_eq!(status, 401, "{driver}: {expected}");
+            assert!(
+                body.contains(expected),
+                "{driver}: body {body:?}, expected {expected:?}"
+            );
+        }
+        let wrong_key = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "u1", "did": "d", "jti": "j", "exp": now() + 600}),
+            &EncodingKey::from_secret(b"some-other-secret-some-other-secret!!"),
+        )
+        .expect("encode");
+        assert_eq!(
+            http_status_of_upgrade(&gateway, gateway.url(&wrong_key))
+                .await
+                .0,
+            401
+        );
+        let (status, _) = http_status_of_upgrade(
+            &gateway,
+            format!("ws://{}/other?token={}", gateway.ws, token("u1")),
+        )
+        .await;
+        assert_eq!(status, 404, "{driver}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_is_answered_and_send_is_refused_as_unavailable_not_faked() {
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[]);
+        let mut client = connect(&gateway, "alice").await;
+
+        client
+            .send(Message::text(r#"{"type":"ping","timestamp":42}"#))
+            .await
+            .expect("send");
+        assert_eq!(
+            next_json(&mut client).await,
+            json!({"type":"pong","timestamp":42}),
+            "{driver}"
+        );
+
+        client
+            .send(Message::Ping(b"hb".to_vec().into()))
+            .await
+            .expect("ws ping");
+        let pong = tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("pong")
+            .expect("open")
+            .expect("frame");
+        assert_eq!(pong, Message::Pong(b"hb".to_vec().into()), "{driver}");
+
+        client
+            .send(Message::text(
+                r#"{"type":"send","client_msg_id":"c1","receiver_id":"bob","message_type":"text","content":"hi","request_id":"r1"}"#,
+            ))
+            .await
+            .expect("send");
+        let reply = next_json(&mut client).await;
+        assert_eq!(reply["type"], "error", "{driver}: {reply}");
+        assert_eq!(reply["code"], "unavailable", "{driver}: {reply}");
+        assert_eq!(reply["client_msg_id"], "c1");
+        assert_eq!(reply["request_id"], "r1");
+
+        // Well-formed JSON with bad fields: an error, and the connection stays open.
+        client
+            .send(Message::text(
+                r#"{"type":"send","client_msg_id":"c2","receiver_id":"bob","session_id":"grp:1","message_type":"text","content":"x"}"#,
+            ))
+            .await
+            .expect("send");
+        let reply = next_json(&mut client).await;
+        assert_eq!(reply["code"], "bad_request", "{driver}: {reply}");
+        assert_eq!(reply["client_msg_id"], "c2");
+
+        // Binary frames carry protobuf and are answered in protobuf.
+        use chatify_proto::Message as _;
+        let ping = chatify_proto::client::v1::ClientFrame {
+            frame: Some(chatify_proto::client::v1::client_frame::Frame::Ping(
+                chatify_proto::client::v1::Ping { timestamp: Some(7) },
+            )),
+        };
+        client
+            .send(Message::binary(ping.encode_to_vec()))
+            .await
+            .expect("send");
+        let answer = tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("reply")
+            .expect("open")
+            .expect("frame");
+        let Message::Binary(bytes) = answer else {
+            panic!("{driver}: expected a binary reply, got {answer:?}");
+        };
+        let decoded =
+            chatify_proto::client::v1::ServerFrame::decode(bytes.as_ref()).expect("protobuf");
+        assert_eq!(
+            decoded.frame,
+            Some(chatify_proto::client::v1::server_frame::Frame::Pong(
+                chatify_proto::client::v1::Pong { timestamp: Some(7) }
+            ))
+        );
+
+        client.close(None).await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_with_the_right_code() {
+    for driver in drivers() {
+        let gateway = Gateway::start(
+            driver,
+            &[
+                ("CHATIFY_FRAME_BYTES_MAX", "1024"),
+                ("CHATIFY_MESSAGE_BYTES_MAX", "4096"),
+            ],
+        );
+        let cases: [(Message, u16); 4] = [
+            (Message::text("not json"), 1007),
+            (Message::text(r#"{"type":"teleport"}"#), 1007),
+            (Message::binary(vec![0xff, 0xff, 0xff]), 1007),
+            (Message::text("x".repeat(2000)), 1009),
+        ];
+        for (message, code) in cases {
+            let mut client = connect(&gateway, "carol").await;
+            client.send(message).await.expect("send");
+            let (got, reason) = close_of(&mut client).await;
+            assert_eq!(got, code, "{driver}: reason {reason:?}");
+            assert!(
+                !reason.is_empty(),
+                "{driver}: close {code} without a reason"
+            );
+        }
+    }
+}
+
+/// Raw upgrade over a plain socket, for frames a real client library refuses to send.
+async fn raw_upgrade(gateway: &Gateway, user: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(gateway.ws).await.expect("connect");
+    let request = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(user)
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .expect("write upgrade");
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        let byte = socket.read_u8().await.expect("read response");
+        response.push(byte);
+    }
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "RFC 6455 accept key: {text}"
+    );
+    socket
+}
+
+/// Reads one unmasked server frame: (opcode, payload).
+async fn raw_frame(socket: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut header = [0_u8; 2];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut header))
+        .await
+        .expect("frame in time")
+        .expect("header");
+    assert_eq!(header[1] & 0x80, 0, "server frames are never masked");
+    let len = match header[1] & 0x7f {
+        126 => usize::from(socket.read_u16().await.expect("len16")),
+        127 => usize::try_from(socket.read_u64().await.expect("len64")).expect("fits"),
+        len => usize::from(len),
+    };
+    let mut payload = vec![0; len];
+    socket.read_exact(&mut payload).await.expect("payload");
+    (header[0] & 0x0f, payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_1002() {
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[]);
+        // An unmasked client frame, and a reserved opcode.
+        for frame in [vec![0x81, 0x02, b'h', b'i'], vec![0x83, 0x80, 1, 2, 3, 4]] {
+            let mut socket = raw_upgrade(&gateway, "dave").await;
+            socket.write_all(&frame).await.expect("write frame");
+            let (opcode, payload) = raw_frame(&mut socket).await;
+            assert_eq!(opcode, 0x8, "{driver}: expected a close frame");
+            assert_eq!(
+                u16::from_be_bytes([payload[0], payload[1]]),
+                1002,
+                "{driver}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_heartbeat_timeout() {
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[("CHATIFY_HEARTBEAT_TIMEOUT_MS", "600")]);
+        let mut client = connect(&gateway, "erin").await;
+        let started = Instant::now();
+        let (code, reason) = close_of(&mut client).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1000, "heartbeat timeout"),
+            "{driver}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{driver}: closed too early"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_refuses_with_503() {
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[("CHATIFY_CONNECTIONS_MAX", "2")]);
+        let first = connect(&gateway, "f1").await;
+        let second = connect(&gateway, "f2").await;
+        let (status, body) = http_status_of_upgrade(&gateway, gateway.url(&token("f3"))).await;
+        assert_eq!(status, 503, "{driver}: {body}");
+        drop(first);
+        // The slot comes back once the server notices the close.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match tokio_tungstenite::connect_async(gateway.url(&token("f4"))).await {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(error) => panic!("{driver}: slot never came back: {error}"),
+            }
+        }
+        drop(second);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_rate_is_limited_then_abuse_closes() {
+    for driver in drivers() {
+        let gateway = Gateway::start(
+            driver,
+            &[
+                ("CHATIFY_SEND_RATE_PER_SECOND", "1"),
+                ("CHATIFY_SEND_BURST", "2"),
+                ("CHATIFY_RATE_LIMIT_STRIKES_MAX", "3"),
+            ],
+        );
+        let mut client = connect(&gateway, "gina").await;
+        let mut codes = Vec::new();
+        for index in 0..4 {
+            let frame = json!({"type":"send","client_msg_id":format!("c{index}"),"receiver_id":"bob","message_type":"text","content":"x"});
+            client
+                .send(Message::text(frame.to_string()))
+                .await
+                .expect("send");
+            codes.push(
+                next_json(&mut client).await["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(
+            codes,
+            ["unavailable", "unavailable", "rate_limited", "rate_limited"],
+            "{driver}"
+        );
+        let frame = json!({"type":"send","client_msg_id":"c9","receiver_id":"bob","message_type":"text","content":"x"});
+        client
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+        let (code, reason) = close_of(&mut client).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1008, "send rate abuse"),
+            "{driver}"
+        );
+    }
+}
+
+async fn tcp_write(socket: &mut TcpStream, frame: chatify_proto::client::v1::client_frame::Frame) {
+    use chatify_proto::Message as _;
+    let payload = chatify_proto::client::v1::ClientFrame { frame: Some(frame) }.encode_to_vec();
+    socket
+        .write_u32(u32::try_from(payload.len()).expect("small"))
+        .await
+        .expect("len");
+    socket.write_all(&payload).await.expect("payload");
+}
+
+async fn tcp_read(socket: &mut TcpStream) -> chatify_proto::client::v1::server_frame::Frame {
+    use chatify_proto::Message as _;
+    let len = tokio::time::timeout(WAIT, socket.read_u32())
+        .await
+        .expect("in time")
+        .expect("len");
+    let mut payload = vec![0; len as usize];
+    socket.read_exact(&mut payload).await.expect("payload");
+    chatify_proto::client::v1::ServerFrame::decode(payload.as_slice())
+        .expect("protobuf")
+        .frame
+        .expect("frame set")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_auth_first_then_speaks_protobuf() {
+    use chatify_proto::client::v1::{Auth, ErrorCode, Ping, client_frame, server_frame};
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[("CHATIFY_HANDSHAKE_TIMEOUT_MS", "500")]);
+
+        let mut socket = TcpStream::connect(gateway.tcp).await.expect("connect");
+        tcp_write(
+            &mut socket,
+            client_frame::Frame::Auth(Auth {
+                token: token("hank"),
+            }),
+        )
+        .await;
+        let server_frame::Frame::AuthOk(ok) = tcp_read(&mut socket).await else {
+            panic!("{driver}: expected auth_ok");
+        };
+        assert_eq!(
+            (ok.user_id.as_str(), ok.device_id.as_str()),
+            ("hank", "device-1")
+        );
+        tcp_write(
+            &mut socket,
+            client_frame::Frame::Ping(Ping { timestamp: Some(5) }),
+        )
+        .await;
+        assert!(
+            matches!(tcp_read(&mut socket).await, server_frame::Frame::Pong(p) if p.timestamp == Some(5))
+        );
+
+        // A first frame that is not auth, a bad token, and silence are all refused.
+        let mut socket = TcpStream::connect(gateway.tcp).await.expect("connect");
+        tcp_write(
+            &mut socket,
+            client_frame::Frame::Ping(Ping { timestamp: None }),
+        )
+        .await;
+        let server_frame::Frame::Error(error) = tcp_read(&mut socket).await else {
+            panic!("{driver}: expected error");
+        };
+        assert_eq!(error.code(), ErrorCode::Unauthorized);
+
+        let mut socket = TcpStream::connect(gateway.tcp).await.expect("connect");
+        tcp_write(
+            &mut socket,
+            client_frame::Frame::Auth(Auth {
+                token: "nope".into(),
+            }),
+        )
+        .await;
+        let server_frame::Frame::Error(error) = tcp_read(&mut socket).await else {
+            panic!("{driver}: expected error");
+        };
+        assert_eq!(error.code(), ErrorCode::Unauthorized);
+
+        let mut socket = TcpStream::connect(gateway.tcp).await.expect("connect");
+        let server_frame::Frame::Error(error) = tcp_read(&mut socket).await else {
+            panic!("{driver}: expected error");
+        };
+        assert_eq!(
+            (error.code(), error.reason.as_str()),
+            (ErrorCode::Unauthorized, "auth timeout")
+        );
+        assert_eq!(
+            socket.read_u8().await.ok(),
+            None,
+            "{driver}: closed after the refusal"
+        );
+    }
+}
+
+/// A masked client text frame (mask key fixed; masking is what matters, not secrecy).
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![
+        0x81,
+        0x80 | u8::try_from(payload.len()).expect("short payload"),
+    ];
+    frame.extend_from_slice(&mask);
+    frame.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, byte)| byte ^ mask[i % 4]),
+    );
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected_not_buffered() {
+    for driver in drivers() {
+        let gateway = Gateway::start(driver, &[("CHATIFY_SEND_QUEUE_FRAMES_MAX", "4")]);
+        let socket = raw_upgrade(&gateway, "ivan").await;
+        let (mut read_half, mut write_half) = socket.into_split();
+        // Pings whose pongs are never read: the kernel buffers fill, then the bounded queue.
+        let ping = masked_text(br#"{"type":"ping"}"#);
+        let burst: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 4096)
+            .collect();
+        let flood = tokio::spawn(async move {
+            let mut sent_bytes = 0_usize;
+            // Bounded so a gateway that never disconnects fails the test instead of hanging.
+            while sent_bytes < 512 * 1024 * 1024 {
+                if write_half.write_all(&burst).await.is_err() {
+                    return true;
+                }
+                sent_bytes += burst.len();
+            }
+            false
+        });
+        let disconnected = tokio::time::timeout(Duration::from_secs(120), flood)
+            .await
+            .expect("the gateway disconnects a client that never reads")
+            .expect("flood task");
+        assert!(
+            disconnected,
+            "{driver}: 512 MiB of pings and still connected"
+        );
+        let slow = gateway
+            .counter(r#"chatify_gateway_refusals_total{reason="slow_consumer"}"#)
+            .await;
+        assert!(slow >= 1.0, "{driver}: slow consumer not counted");
+        // The socket is finished from the server's side.
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(WAIT, read_half.read_to_end(&mut sink)).await;
+    }
+}
