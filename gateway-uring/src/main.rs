@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )
         .await?;
+        raise_limits();
         let redis = RedisBridge::start(redis::Client::open(config.redis.redis_url.as_str())?)
             .context("cannot start the redis bridge")?;
         let auth = Authenticator::hs256(config.jwt_secret.as_bytes());
@@ -79,4 +80,29 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(live = node.live_connections(), "gateway-uring stopped");
         Ok(())
     })
+}
+
+/// Raises the soft limits a gateway lives by to their hard limits: open files (one per
+/// connection) and locked memory (io_uring maps its rings with it; kernels before 5.12
+/// charge them to RLIMIT_MEMLOCK, and a low limit makes io_uring setup fail, so the shards
+/// fall back to epoll). Raising a hard limit needs privileges we do not ask for: set it with
+/// `ulimit -Hl` / systemd `LimitMEMLOCK=` / compose `ulimits` instead.
+fn raise_limits() {
+    for (name, resource) in [
+        ("nofile", rlimit::Resource::NOFILE),
+        ("memlock", rlimit::Resource::MEMLOCK),
+    ] {
+        match rlimit::getrlimit(resource) {
+            Ok((soft, hard)) if soft < hard => match rlimit::setrlimit(resource, hard, hard) {
+                Ok(()) => tracing::info!(limit = name, from = soft, to = hard, "raised soft limit"),
+                Err(error) => tracing::warn!(limit = name, %error, "cannot raise soft limit"),
+            },
+            Ok((soft, _)) => tracing::info!(
+                limit = name,
+                value = soft,
+                "limit already at its hard limit"
+            ),
+            Err(error) => tracing::warn!(limit = name, %error, "cannot read limit"),
+        }
+    }
 }

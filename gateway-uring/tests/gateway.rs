@@ -460,6 +460,15 @@ async fn silent_connections_are_closed_after_the_heartbeat_timeout() {
 async fn the_connection_limit_refuses_with_503() {
     for driver in drivers() {
         let gateway = Gateway::start(driver, &[("CHATIFY_CONNECTIONS_MAX", "2")]);
+        // The start-up port probes held slots too; wait until the gateway has let them go.
+        let deadline = Instant::now() + WAIT;
+        while gateway.counter("chatify_gateway_connections ").await > 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{driver}: probe connections never released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let first = connect(&gateway, "f1").await;
         let second = connect(&gateway, "f2").await;
         let (status, body) = http_status_of_upgrade(&gateway, gateway.url(&token("f3"))).await;

@@ -9,11 +9,31 @@ use crate::client::v1::{client_frame, server_frame};
 /// A text frame that is not a valid Chatify JSON frame (WebSocket close 1007).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid json frame: {0}")]
-pub struct JsonFrameError(#[from] serde_json::Error);
+pub struct JsonFrameError(String);
+
+impl From<serde_json::Error> for JsonFrameError {
+    fn from(error: serde_json::Error) -> Self {
+        Self(error.to_string())
+    }
+}
+
+impl From<simd_json::Error> for JsonFrameError {
+    fn from(error: simd_json::Error) -> Self {
+        Self(error.to_string())
+    }
+}
 
 /// Parses a client text frame, e.g. `{"type":"send","client_msg_id":"c1",...}`.
 pub fn decode_client_frame(json: &[u8]) -> Result<client_frame::Frame, JsonFrameError> {
     Ok(serde_json::from_slice(json)?)
+}
+
+/// The gateway's hot path: parses a client text frame with simd-json, which uses `json` as
+/// scratch space (its contents are garbage afterwards).
+pub fn decode_client_frame_in_place(
+    json: &mut [u8],
+) -> Result<client_frame::Frame, JsonFrameError> {
+    Ok(simd_json::serde::from_slice(json)?)
 }
 
 /// Encodes a client frame as JSON (used by clients such as loadgen).
@@ -228,6 +248,30 @@ mod tests {
         assert!(decode_client_frame(br#"{"type":"send","message_type":"hologram"}"#).is_err());
         assert!(decode_client_frame(br#"{"client_msg_id":"c1"}"#).is_err());
         assert!(decode_client_frame(b"not json").is_err());
+    }
+
+    #[test]
+    fn simd_json_and_serde_json_agree() {
+        for json in [
+            r#"{"type":"send","client_msg_id":"c1","receiver_id":"u2","message_type":"text","content":"{\"t\":\"hi ünï\"}","burn_after_seconds":5}"#,
+            r#"{"type":"send","client_msg_id":"c2","session_id":"grp:1","message_type":"file","content":""}"#,
+            r#"{"type":"sync","session_id":"p2p:a:b","after_seq":5,"limit":20,"request_id":"r"}"#,
+            r#"{"type":"ping","timestamp":1732694400000}"#,
+            r#"{"type":"recall","message_id":"m1"}"#,
+        ] {
+            let mut scratch = json.as_bytes().to_vec();
+            assert_eq!(
+                decode_client_frame_in_place(&mut scratch).expect(json),
+                decode_client_frame(json.as_bytes()).expect(json)
+            );
+        }
+        for bad in [
+            &b"not json"[..],
+            br#"{"type":"teleport"}"#,
+            br#"{"type":"send","message_type":"x"}"#,
+        ] {
+            assert!(decode_client_frame_in_place(&mut bad.to_vec()).is_err());
+        }
     }
 
     #[test]

@@ -175,6 +175,7 @@ async fn run(
         transport: Transport::WebSocketText,
     };
     let mut connection = Connection::new(&shard, context, queue.clone());
+    let mut json_scratch: Vec<u8> = Vec::with_capacity(1024);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
 
@@ -192,7 +193,11 @@ async fn run(
             };
             let outcome = match message {
                 ws::Message::Text(payload) => {
-                    match chatify_proto::json::decode_client_frame(&payload) {
+                    // simd-json parses in place, so the payload is copied into a scratch
+                    // buffer reused for the life of the connection (no allocation per frame).
+                    json_scratch.clear();
+                    json_scratch.extend_from_slice(&payload);
+                    match chatify_proto::json::decode_client_frame_in_place(&mut json_scratch) {
                         Ok(frame) => {
                             connection
                                 .on_frame(&shard, Transport::WebSocketText, frame)
@@ -217,9 +222,15 @@ async fn run(
                     Ok(())
                 }
                 ws::Message::Pong(_) => Ok(()),
-                ws::Message::Close(_) => Err(CloseReason::new(1000, "closing")),
+                // Echo the client's status code (the decoder accepted only valid ones).
+                ws::Message::Close(Some((code, _))) => Err(CloseReason::new(code, "closing")),
+                ws::Message::Close(None) => Err(CloseReason::new(1000, "closing")),
             };
             if let Err(close) = outcome {
+                if close.code == 1007 {
+                    metrics::counter!("chatify_gateway_refusals_total", "reason" => "invalid_frame")
+                        .increment(1);
+                }
                 break 'connection close;
             }
         }
