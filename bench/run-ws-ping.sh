@@ -119,6 +119,9 @@ for run in $(seq "$RUNS"); do
         # The load average shows whether anything else (a build) competed for the cores.
         printf 'run %s  [loadavg %s]  ' "$run" "$(cut -d' ' -f1 /proc/loadavg)"
         load "$label" "$url" "$RESULTS/$column-$run.json"
+        # Server CPU seconds (user + system) over its whole life: start, connect, warm-up, load.
+        server_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$SERVER_PID/stat")
+        echo "        server CPU ${server_cpu}s" | tee "$RESULTS/$column-$run.cpu"
         stop_server
         sleep 1 # let TIME_WAIT sockets and the kernel settle between servers
     done
@@ -140,16 +143,19 @@ for c in columns:
         "connect_ms": statistics.median(r["connect_ms"] for r in rs),
         "errors": sum(sum(r["errors"].values()) for r in rs),
         "runs_pongs_per_second": [round(r["pongs_per_second"]) for r in rs],
+        "server_cpu_seconds": statistics.median(
+            float(open(f"{results}/{c}-{i}.cpu").read().split()[2].rstrip("s"))
+            for i in range(1, runs + 1)),
     }
 base = rows.get("baseline", {}).get("pongs_per_second") or 0
 print()
 print(f"median of {runs} runs (client and server share the same {__import__('os').cpu_count()} cores):")
-print(f"{'server':<26}{'pongs/s':>10}{'p50 µs':>9}{'p99 µs':>9}{'p99.9 µs':>10}{'connect ms':>12}{'errors':>8}{'vs baseline':>13}  runs pongs/s")
+print(f"{'server':<26}{'pongs/s':>10}{'p50 µs':>9}{'p99 µs':>9}{'p99.9 µs':>10}{'connect ms':>12}{'errors':>8}{'server CPU s':>14}{'vs baseline':>13}  runs pongs/s")
 for c in columns:
     r = rows[c]
     ratio = f"{r['pongs_per_second'] / base:.2f}x" if base else "-"
     print(f"{r['label']:<26}{r['pongs_per_second']:>10.0f}{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}"
-          f"{r['p999_us']:>10.0f}{r['connect_ms']:>12.0f}{r['errors']:>8}{ratio:>13}  {r['runs_pongs_per_second']}")
+          f"{r['p999_us']:>10.0f}{r['connect_ms']:>12.0f}{r['errors']:>8}{r['server_cpu_seconds']:>14.2f}{ratio:>13}  {r['runs_pongs_per_second']}")
 json.dump(rows, open(f"{results}/summary.json", "w"), indent=2)
 print(f"\nraw results: {results}")
 EOF
