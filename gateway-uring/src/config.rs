@@ -74,13 +74,16 @@ pub struct Limits {
     /// A connection silent this long is closed.
     #[arg(long, env = "CHATIFY_HEARTBEAT_TIMEOUT_MS", default_value_t = 90_000)]
     pub heartbeat_timeout_ms: u64,
-    /// Sustained `send` frames per second per connection.
+    /// Sustained `send` frames per second per user, shared by all of the user's connections
+    /// on this node (each gateway node limits on its own).
     #[arg(long, env = "CHATIFY_SEND_RATE_PER_SECOND", default_value_t = 50)]
     pub send_rate_per_second: u32,
-    /// Burst of `send` frames allowed above the sustained rate.
+    /// Burst of `send` frames per user allowed above the sustained rate (per node, shared by
+    /// the user's connections).
     #[arg(long, env = "CHATIFY_SEND_BURST", default_value_t = 100)]
     pub send_burst: u32,
-    /// Rate-limited frames in a row before the connection is closed for abuse.
+    /// Rate-limited `send` frames in a row on one connection before that connection is
+    /// closed for abuse.
     #[arg(long, env = "CHATIFY_RATE_LIMIT_STRIKES_MAX", default_value_t = 20)]
     pub rate_limit_strikes_max: u32,
 }

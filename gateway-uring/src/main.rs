@@ -4,7 +4,9 @@ use anyhow::Context as _;
 use gateway_uring::auth::Authenticator;
 use gateway_uring::config::Config;
 use gateway_uring::redis_bridge::RedisBridge;
-use gateway_uring::shard::{self, NodeShared, ShardCommand, ShardSetup};
+use gateway_uring::shard::{
+    self, NodeShared, SEND_RATE_SWEEP_INTERVAL_MS, ShardCommand, ShardSetup,
+};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -34,7 +36,10 @@ fn main() -> anyhow::Result<()> {
         let redis = RedisBridge::start(redis::Client::open(config.redis.redis_url.as_str())?)
             .context("cannot start the redis bridge")?;
         let auth = Authenticator::hs256(config.jwt_secret.as_bytes());
-        let node = Arc::new(NodeShared::default());
+        let node = Arc::new(NodeShared::new(&config.limits));
+        // Cold path, off the shards: forget users whose send allowance has refilled, so the
+        // limiter holds only recent senders.
+        let sweeper = tokio::spawn(sweep_send_rates(Arc::clone(&node)));
         let mut shards = Vec::new();
         for index in 0..config.shard_count() {
             let setup = ShardSetup {
@@ -75,11 +80,25 @@ fn main() -> anyhow::Result<()> {
                 Err(_) => tracing::error!("shard panicked"),
             }
         }
+        sweeper.abort();
         shutdown.cancel();
         admin.await.context("admin server task")??;
         tracing::info!(live = node.live_connections(), "gateway-uring stopped");
         Ok(())
     })
+}
+
+/// Every `SEND_RATE_SWEEP_INTERVAL_MS`, drops idle users from the send rate limiter.
+async fn sweep_send_rates(node: Arc<NodeShared>) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(
+        SEND_RATE_SWEEP_INTERVAL_MS,
+    ));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let users = node.send_rate.sweep();
+        metrics::gauge!("chatify_gateway_send_rate_users").set(users as f64);
+    }
 }
 
 /// Raises the soft limits a gateway lives by to their hard limits: open files (one per

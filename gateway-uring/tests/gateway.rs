@@ -127,9 +127,13 @@ fn now() -> u64 {
 }
 
 fn token_for(user: &str, jti: &str, exp: u64) -> String {
+    device_token_for(user, "device-1", jti, exp)
+}
+
+fn device_token_for(user: &str, device: &str, jti: &str, exp: u64) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": user, "did": "device-1", "jti": jti, "exp": exp}),
+        &json!({"sub": user, "did": device, "jti": jti, "exp": exp}),
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("encode token")
@@ -146,7 +150,11 @@ fn token(user: &str) -> String {
 type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn connect(gateway: &Gateway, user: &str) -> Client {
-    let (client, response) = tokio_tungstenite::connect_async(gateway.url(&token(user)))
+    connect_with(gateway, &token(user)).await
+}
+
+async fn connect_with(gateway: &Gateway, token: &str) -> Client {
+    let (client, response) = tokio_tungstenite::connect_async(gateway.url(token))
         .await
         .expect("websocket upgrade");
     assert_eq!(response.status(), 101);
@@ -531,6 +539,98 @@ async fn send_rate_is_limited_then_abuse_closes() {
             (1008, "send rate abuse"),
             "{driver}"
         );
+    }
+}
+
+/// Sends one `send` frame and returns the `code` of the error that answers it.
+async fn send_code(client: &mut Client, client_msg_id: &str) -> String {
+    let frame = json!({"type":"send","client_msg_id":client_msg_id,"receiver_id":"bob","message_type":"text","content":"x"});
+    client
+        .send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
+    next_json(client).await["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_rate_is_per_user_across_devices() {
+    const BURST: usize = 3;
+    for driver in drivers() {
+        let gateway = Gateway::start(
+            driver,
+            &[
+                ("CHATIFY_SEND_RATE_PER_SECOND", "1"),
+                ("CHATIFY_SEND_BURST", "3"),
+                ("CHATIFY_RATE_LIMIT_STRIKES_MAX", "100"),
+            ],
+        );
+        let rate_limited = r#"chatify_gateway_refusals_total{reason="rate_limited"}"#;
+        let refused_before = gateway.counter(rate_limited).await;
+        // Two devices of one user (own tokens, own connections, possibly on different shards)
+        // and another user, all connected at once.
+        let device_token = |device: &str| {
+            let jti = format!("jti-kim-{device}-{}", std::process::id());
+            device_token_for("kim", device, &jti, now() + 600)
+        };
+        let mut phone = connect_with(&gateway, &device_token("phone")).await;
+        let mut laptop = connect_with(&gateway, &device_token("laptop")).await;
+        let mut other = connect(&gateway, "lee").await;
+
+        let started = Instant::now();
+        let (mut phone_codes, mut laptop_codes) = (Vec::new(), Vec::new());
+        for index in 0..BURST + 1 {
+            phone_codes.push(send_code(&mut phone, &format!("p{index}")).await);
+            laptop_codes.push(send_code(&mut laptop, &format!("l{index}")).await);
+        }
+        // The other user, meanwhile, has the whole burst of their own.
+        let mut other_codes = Vec::new();
+        for index in 0..BURST {
+            other_codes.push(send_code(&mut other, &format!("o{index}")).await);
+        }
+        let elapsed = started.elapsed();
+
+        let allowed = |codes: &[String]| codes.iter().filter(|c| *c == "unavailable").count();
+        let both = [phone_codes.as_slice(), laptop_codes.as_slice()];
+        assert!(
+            both.iter()
+                .flat_map(|codes| codes.iter())
+                .all(|c| c == "unavailable" || c == "rate_limited"),
+            "{driver}: phone {phone_codes:?} laptop {laptop_codes:?}"
+        );
+        // One allowance for both devices: the burst, plus what refilled at 1/s meanwhile
+        // (nothing when the exchange took under a second).
+        let allowed_total = allowed(&phone_codes) + allowed(&laptop_codes);
+        let refilled = usize::try_from(elapsed.as_secs()).expect("small");
+        assert!(
+            (BURST..=BURST + refilled).contains(&allowed_total),
+            "{driver}: {allowed_total} sends allowed over two devices in {elapsed:?}: \
+             phone {phone_codes:?} laptop {laptop_codes:?}"
+        );
+        assert!(
+            phone_codes.contains(&"rate_limited".to_owned())
+                && laptop_codes.contains(&"rate_limited".to_owned()),
+            "{driver}: both devices are limited: phone {phone_codes:?} laptop {laptop_codes:?}"
+        );
+        assert_eq!(
+            other_codes,
+            vec!["unavailable"; BURST],
+            "{driver}: another user is not limited"
+        );
+        let refused = gateway.counter(rate_limited).await - refused_before;
+        let expected = (2 * (BURST + 1) - allowed_total) as f64;
+        assert_eq!(refused, expected, "{driver}: refusals counted in /metrics");
+
+        // Below the strike limit both connections stay open and usable.
+        for client in [&mut phone, &mut laptop] {
+            client
+                .send(Message::text(r#"{"type":"ping","timestamp":1}"#))
+                .await
+                .expect("ping");
+            assert_eq!(next_json(client).await["type"], "pong", "{driver}");
+        }
     }
 }
 

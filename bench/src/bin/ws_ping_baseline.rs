@@ -2,10 +2,11 @@
 //! runtime) + tokio-tungstenite doing the per-connection work `gateway-uring` does for pings.
 //!
 //! `GET /ws?token=JWT` is refused with 401 unless the HS256 token verifies with `JWT_SECRET`
-//! (same validation as the gateway: algorithm pinned, `exp`/`nbf` checked, `sub`/`did`/`jti`
-//! well-formed). Each text frame is parsed with `chatify_proto::json::decode_client_frame`; a
-//! `ping` is answered with a JSON `pong` echoing its timestamp. Replies to frames that are
-//! already readable are batched (`feed`) and written with one `flush`.
+//! through the gateway's own `gateway_uring::auth::Authenticator`, so both servers do the
+//! same JWT work per connection. Each text frame is parsed with
+//! `chatify_proto::json::decode_client_frame`; a `ping` is answered with a JSON `pong`
+//! echoing its timestamp. Replies to frames that are already readable are batched (`feed`)
+//! and written with one `flush`.
 //!
 //! Not done here, unlike the gateway: the Redis token deny-list check at connect, connection
 //! limits, idle timeouts and metrics. None of it is on the per-ping path.
@@ -18,7 +19,7 @@ use chatify_proto::client::v1::{
 };
 use clap::Parser;
 use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use gateway_uring::auth::Authenticator;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::{
     self, Message,
@@ -30,10 +31,6 @@ use tokio_tungstenite::tungstenite::{
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Same leeway as the gateway (`gateway_uring::auth::CLOCK_SKEW_SECONDS`).
-const CLOCK_SKEW_SECONDS: u64 = 5;
-/// Same id rule as `chatify_core::ids::validate_id` (not linked here to keep this crate light).
-const ID_BYTES_MAX: usize = 128;
 /// Largest accepted frame, as the gateway's default limit order of magnitude.
 const FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Frames answered before a flush is forced even if more are readable.
@@ -53,65 +50,6 @@ struct Args {
     worker_threads: usize,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Claims {
-    sub: String,
-    did: String,
-    jti: String,
-    #[allow(
-        dead_code,
-        reason = "checked by jsonwebtoken; kept to mirror the gateway"
-    )]
-    exp: u64,
-}
-
-/// HS256 verification with the gateway's rules.
-#[derive(Clone)]
-struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
-}
-
-impl Verifier {
-    fn hs256(secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = CLOCK_SKEW_SECONDS;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Self {
-            key: DecodingKey::from_secret(secret),
-            validation,
-        }
-    }
-
-    fn verify(&self, token: &str) -> bool {
-        if token.is_empty() {
-            return false;
-        }
-        match jsonwebtoken::decode_header(token) {
-            Ok(header) if header.alg == Algorithm::HS256 => {}
-            _ => return false,
-        }
-        let Ok(data) = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) else {
-            return false;
-        };
-        let claims = data.claims;
-        id_valid(&claims.sub)
-            && id_valid(&claims.did)
-            && !claims.jti.is_empty()
-            && claims.jti.len() <= 128
-    }
-}
-
-fn id_valid(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= ID_BYTES_MAX
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
-}
-
 fn token_from_query(query: Option<&str>) -> Option<&str> {
     query?
         .split('&')
@@ -120,7 +58,7 @@ fn token_from_query(query: Option<&str>) -> Option<&str> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.jwt_secret.len() < 32 {
+    if args.jwt_secret.len() < gateway_uring::config::JWT_SECRET_BYTES_MIN {
         anyhow::bail!("JWT_SECRET must be at least 32 bytes");
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -137,7 +75,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", args.listen))?;
     eprintln!("ws_ping_baseline listening on ws://{}/ws", args.listen);
-    let verifier = Verifier::hs256(args.jwt_secret.as_bytes());
+    let verifier = Authenticator::hs256(args.jwt_secret.as_bytes());
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -157,7 +95,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn connection(stream: TcpStream, verifier: Verifier) -> anyhow::Result<()> {
+async fn connection(stream: TcpStream, verifier: Authenticator) -> anyhow::Result<()> {
     stream.set_nodelay(true).context("TCP_NODELAY")?;
     #[allow(
         clippy::result_large_err,
@@ -173,7 +111,7 @@ async fn connection(stream: TcpStream, verifier: Verifier) -> anyhow::Result<()>
             return Err(refuse(StatusCode::NOT_FOUND, "not found"));
         }
         match token_from_query(request.uri().query()) {
-            Some(token) if verifier.verify(token) => Ok(response),
+            Some(token) if verifier.verify(token).is_ok() => Ok(response),
             _ => Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized")),
         }
     };

@@ -1,8 +1,7 @@
 //! What WebSocket and TCP connections share once a frame is decoded: validation, the
-//! per-connection send rate limit, the hand-off to the shard's handler, and encoding the
-//! reply in the connection's wire format. Shard-local.
-
-use std::time::{Duration, Instant};
+//! per-user send rate check (node-wide, see [`super::NodeShared`]) with per-connection
+//! strikes, the hand-off to the shard's handler, and encoding the reply in the connection's
+//! wire format. Shard-local.
 
 use bytes::Bytes;
 use chatify_core::ids::{MessageId, SessionId, validate_id};
@@ -33,53 +32,23 @@ impl CloseReason {
     }
 }
 
-/// Token bucket over `send` frames.
-#[derive(Debug)]
-struct SendRate {
-    tokens: f64,
-    per_second: f64,
-    burst: f64,
-    refilled_at: Instant,
-    strikes: u32,
-}
-
-impl SendRate {
-    fn allow(&mut self, now: Instant) -> bool {
-        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
-        self.refilled_at = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.strikes = 0;
-            true
-        } else {
-            self.strikes += 1;
-            false
-        }
-    }
-}
-
 /// One authenticated connection's frame processing.
 #[derive(Debug)]
 pub struct Connection {
     pub context: ConnectionContext,
     pub queue: OutboundQueue,
-    rate: SendRate,
+    /// Rate-limited `send` frames in a row on this connection. The allowance is per user
+    /// (node-wide), the strikes per connection: the connection that keeps pushing is the one
+    /// closed, not the user's other devices.
+    rate_limit_strikes: u32,
 }
 
 impl Connection {
-    pub fn new(shard: &Shard, context: ConnectionContext, queue: OutboundQueue) -> Self {
-        let limits = shard.limits;
+    pub fn new(context: ConnectionContext, queue: OutboundQueue) -> Self {
         Self {
             context,
             queue,
-            rate: SendRate {
-                tokens: f64::from(limits.send_burst),
-                per_second: f64::from(limits.send_rate_per_second),
-                burst: f64::from(limits.send_burst),
-                refilled_at: Instant::now(),
-                strikes: 0,
-            },
+            rate_limit_strikes: 0,
         }
     }
 
@@ -96,17 +65,23 @@ impl Connection {
         if let Err(reason) = validate(&frame, &self.context.identity.user_id) {
             return self.reply(error_reply(&frame, ErrorCode::BadRequest, reason));
         }
-        if matches!(frame, ClientFrame::Send(_)) && !self.rate.allow(Instant::now()) {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => "rate_limited")
-                .increment(1);
-            if self.rate.strikes >= shard.limits.rate_limit_strikes_max {
-                return Err(CloseReason::new(1008, "send rate abuse"));
+        if matches!(frame, ClientFrame::Send(_)) {
+            // Once per `send`, against the user's node-wide allowance (see `NodeShared`).
+            if shard.node.send_rate.check(&self.context.identity.user_id) {
+                self.rate_limit_strikes = 0;
+            } else {
+                metrics::counter!("chatify_gateway_refusals_total", "reason" => "rate_limited")
+                    .increment(1);
+                self.rate_limit_strikes += 1;
+                if self.rate_limit_strikes >= shard.limits.rate_limit_strikes_max {
+                    return Err(CloseReason::new(1008, "send rate abuse"));
+                }
+                return self.reply(error_reply(
+                    &frame,
+                    ErrorCode::RateLimited,
+                    "send rate exceeded",
+                ));
             }
-            return self.reply(error_reply(
-                &frame,
-                ErrorCode::RateLimited,
-                "send rate exceeded",
-            ));
         }
         if let Some(reply) = shard.handler.handle(&self.context, frame).await {
             self.reply(reply)?;
@@ -227,11 +202,6 @@ pub fn validate(frame: &ClientFrame, sender_id: &str) -> Result<(), &'static str
     }
 }
 
-/// Deadline helper: how long is left until `deadline`.
-pub fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,22 +228,5 @@ mod tests {
         assert!(validate(&send(Some("u1"), None), "u1").is_err());
         assert!(validate(&send(None, Some("room:1")), "u1").is_err());
         assert!(validate(&send(Some("bad id"), None), "u1").is_err());
-    }
-
-    #[test]
-    fn token_bucket_allows_the_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut rate = SendRate {
-            tokens: 3.0,
-            per_second: 10.0,
-            burst: 3.0,
-            refilled_at: start,
-            strikes: 0,
-        };
-        assert!((0..3).all(|_| rate.allow(start)));
-        assert!(!rate.allow(start));
-        assert_eq!(rate.strikes, 1);
-        assert!(rate.allow(start + Duration::from_millis(100)));
-        assert_eq!(rate.strikes, 0);
     }
 }

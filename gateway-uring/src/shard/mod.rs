@@ -1,9 +1,12 @@
 //! Shards: one monoio runtime per core on a pinned thread, each with its own SO_REUSEPORT
 //! WebSocket and TCP listeners, connection table and handler. Nothing on the hot path is
-//! shared between shards; the only things that cross are [`ShardCommand`]s over each
-//! shard's bounded inbox and the node-wide connection counter touched at connect and close.
+//! shared between shards but [`NodeShared`]: the connection counter touched at connect and
+//! close, and the per-user send rate limiter checked once per `send` frame. Everything else
+//! that crosses is a [`ShardCommand`] over each shard's bounded inbox.
 
 mod connection;
+mod lifecycle;
+mod send_rate;
 mod tcp_conn;
 mod writer;
 mod ws_conn;
@@ -11,6 +14,7 @@ mod ws_conn;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +25,7 @@ use crate::config::{IoDriver, Limits};
 use crate::handler::UnroutedHandler;
 use crate::redis_bridge::RedisBridge;
 
+pub use send_rate::{SEND_RATE_SWEEP_INTERVAL_MS, SendRateLimiter};
 pub use writer::OutboundQueue;
 
 /// io_uring submission queue entries per shard.
@@ -38,14 +43,31 @@ pub enum ShardCommand {
     Shutdown,
 }
 
-/// State of the whole node, shared by all shards (crosses shards). Touched only when a
-/// connection opens or closes, never per frame.
-#[derive(Debug, Default)]
+/// State of the whole node, shared by all shards (crosses shards). The connection counter
+/// is touched only when a connection opens or closes; the send rate limiter once per `send`
+/// frame, never for other frames.
+#[derive(Debug)]
 pub struct NodeShared {
     connections: AtomicUsize,
+    /// Per user, not per connection or shard: SO_REUSEPORT puts each of a user's devices on
+    /// any shard, so a shard-local limit would let a user with N devices send N times the
+    /// rate. This is the one piece of per-frame state that crosses shards; a check is one
+    /// striped read lock plus a compare-and-swap, once per `send`.
+    pub send_rate: SendRateLimiter,
 }
 
 impl NodeShared {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            connections: AtomicUsize::new(0),
+            send_rate: SendRateLimiter::new(
+                NonZeroU32::new(limits.send_rate_per_second)
+                    .expect("validated: CHATIFY_SEND_RATE_PER_SECOND > 0"),
+                NonZeroU32::new(limits.send_burst).expect("validated: CHATIFY_SEND_BURST > 0"),
+            ),
+        }
+    }
+
     /// Claims a connection slot; `None` when the node is full.
     pub fn try_claim(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
         let claimed = self
@@ -54,7 +76,10 @@ impl NodeShared {
                 (live < max).then_some(live + 1)
             })
             .is_ok();
-        claimed.then(|| ConnectionSlot(Arc::clone(self)))
+        claimed.then(|| {
+            metrics::gauge!("chatify_gateway_connections").increment(1.0);
+            ConnectionSlot(Arc::clone(self))
+        })
     }
 
     pub fn live_connections(&self) -> usize {

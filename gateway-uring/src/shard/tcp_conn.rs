@@ -3,7 +3,6 @@
 //! TCP, so every refusal is an `error` frame followed by closing the socket.
 
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use chatify_proto::Message as _;
@@ -13,10 +12,10 @@ use chatify_proto::client::v1::{
 use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
 use monoio::net::TcpStream;
 
-use super::Shard;
-use super::connection::{CloseReason, Connection, remaining};
-use super::writer::{self, Framing, OutboundQueue};
-use super::ws_conn::{authenticate, read_more};
+use super::connection::{CloseReason, Connection};
+use super::lifecycle::{self, HandshakeFailure, ReadEnd};
+use super::writer::Framing;
+use super::{ConnectionSlot, Shard};
 use crate::auth::Identity;
 use crate::conn::tcp::{LengthDecoder, length_prefix};
 use crate::handler::{ConnectionContext, Transport};
@@ -40,46 +39,29 @@ fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
 }
 
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
-    let Some(slot) = shard.node.try_claim(shard.limits.connections_max) else {
-        metrics::counter!("chatify_gateway_refusals_total", "reason" => "connections_max")
-            .increment(1);
-        let _ = stream
-            .write_all(error_frame(
-                ErrorCode::Unavailable,
-                "connection limit reached",
-            ))
-            .await;
+    let refusal = || error_frame(ErrorCode::Unavailable, "connection limit reached");
+    let Some(slot) = lifecycle::claim_slot(&shard, &mut stream, refusal).await else {
         return;
     };
-    metrics::gauge!("chatify_gateway_connections").increment(1.0);
     let mut decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
-    let deadline = Instant::now() + shard.handshake_timeout();
     let mut buffer = BytesMut::with_capacity(4096);
     // The auth frame.
-    let payload = loop {
-        match decoder.decode(&mut buffer) {
-            Ok(Some(payload)) => break payload,
-            Ok(None) => {}
-            Err(error) => {
-                let _ = stream
-                    .write_all(error_frame(ErrorCode::BadRequest, error.reason()))
-                    .await;
-                return;
-            }
+    let decode = |buffer: &mut BytesMut| decoder.decode(buffer);
+    let payload = match lifecycle::read_handshake(&shard, &mut stream, &mut buffer, decode).await {
+        Ok(payload) => payload,
+        Err(HandshakeFailure::Invalid(error)) => {
+            let _ = stream
+                .write_all(error_frame(ErrorCode::BadRequest, error.reason()))
+                .await;
+            return;
         }
-        let read = monoio::time::timeout(remaining(deadline), read_more(&mut stream, buffer)).await;
-        let Ok((result, returned)) = read else {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => "handshake_timeout")
-                .increment(1);
+        Err(HandshakeFailure::TimedOut) => {
             let _ = stream
                 .write_all(error_frame(ErrorCode::Unauthorized, "auth timeout"))
                 .await;
             return;
-        };
-        buffer = returned;
-        if !matches!(result, Ok(n) if n > 0) {
-            return;
         }
+        Err(HandshakeFailure::Closed) => return,
     };
     let token = match ClientFrame::decode(payload) {
         Ok(ClientFrame {
@@ -95,11 +77,9 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
             return;
         }
     };
-    let identity = match authenticate(&shard, &token).await {
+    let identity = match lifecycle::authenticate(&shard, &token).await {
         Ok(identity) => identity,
         Err(error) => {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => error.label())
-                .increment(1);
             let code = if error == crate::auth::AuthError::Unavailable {
                 ErrorCode::Unavailable
             } else {
@@ -111,8 +91,7 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
             return;
         }
     };
-    run(shard, stream, identity, buffer, decoder).await;
-    drop(slot);
+    run(shard, stream, identity, buffer, decoder, slot).await;
 }
 
 async fn run(
@@ -121,25 +100,21 @@ async fn run(
     identity: Identity,
     mut buffer: BytesMut,
     mut decoder: LengthDecoder,
+    slot: ConnectionSlot,
 ) {
-    let connection_id = shard.next_connection_id();
-    let queue = OutboundQueue::new(Framing::Tcp, shard.limits.send_queue_frames_max);
-    shard
-        .connections
-        .borrow_mut()
-        .insert(connection_id, queue.clone());
     let (mut reader, write_half) = stream.into_split();
-    let writer = monoio::spawn(writer::run(queue.clone(), write_half));
+    let registered = lifecycle::register(&shard, Framing::Tcp, write_half, slot);
+    let queue = registered.queue.clone();
     let auth_ok = server_frame::Frame::AuthOk(AuthOk {
         user_id: identity.user_id.clone(),
         device_id: identity.device_id.clone(),
     });
     let context = ConnectionContext {
-        connection_id,
+        connection_id: registered.connection_id,
         identity,
         transport: Transport::Tcp,
     };
-    let mut connection = Connection::new(&shard, context, queue.clone());
+    let mut connection = Connection::new(context, queue.clone());
     let mut close = connection.reply(auth_ok).err();
 
     while close.is_none() {
@@ -171,23 +146,14 @@ async fn run(
         if close.is_some() || queue.is_finished() {
             break;
         }
-        let read =
-            monoio::time::timeout(shard.heartbeat_timeout(), read_more(&mut reader, buffer)).await;
-        let Ok((result, returned)) = read else {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
-                .increment(1);
-            break;
-        };
-        buffer = returned;
-        if !matches!(result, Ok(n) if n > 0) {
+        if lifecycle::read_or_heartbeat_timeout(&shard, &mut reader, &mut buffer).await
+            != ReadEnd::Data
+        {
             break;
         }
     }
     let reason = close.unwrap_or(CloseReason::new(1000, "closing"));
-    queue.close_with(reason.code, reason.reason, reason.reason == "slow consumer");
-    drop(reader);
-    writer.await;
-    shard.connections.borrow_mut().remove(&connection_id);
+    registered.close(&shard, reason, reader).await;
 }
 
 fn tcp_error(code: ErrorCode, reason: &str) -> server_frame::Frame {

@@ -3,50 +3,31 @@
 //! decodes frames in place and the writer task that owns the write half.
 
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::{Buf as _, BytesMut};
 use chatify_proto::Message as _;
 use chatify_proto::client::v1::ClientFrame;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt as _, Splitable as _};
+use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
 use monoio::net::TcpStream;
 
-use super::connection::{CloseReason, Connection, remaining};
-use super::writer::{self, Framing, OutboundQueue};
+use super::connection::{CloseReason, Connection};
+use super::lifecycle::{self, HandshakeFailure, ReadEnd};
+use super::writer::Framing;
 use super::{ConnectionSlot, Shard};
 use crate::auth::{AuthError, Identity};
 use crate::conn::ws::{self, HttpErrorStatus};
 use crate::handler::{ConnectionContext, Transport};
 
-/// Bytes reserved ahead of each read.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
-
-/// Reads more bytes into the spare capacity of `buffer` (after what it holds).
-pub(super) async fn read_more<R: AsyncReadRent>(
-    reader: &mut R,
-    mut buffer: BytesMut,
-) -> (std::io::Result<usize>, BytesMut) {
-    use monoio::buf::IoBufMut as _;
-    buffer.reserve(READ_CHUNK_BYTES);
-    let start = buffer.len();
-    let end = buffer.capacity();
-    let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
-    (result, slice.into_inner())
-}
-
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
-    let Some(slot) = shard.node.try_claim(shard.limits.connections_max) else {
-        metrics::counter!("chatify_gateway_refusals_total", "reason" => "connections_max")
-            .increment(1);
-        let _ = stream
-            .write_all(http_error(
-                HttpErrorStatus::ServiceUnavailable,
-                "connection limit reached",
-            ))
-            .await;
+    let refusal = || {
+        http_error(
+            HttpErrorStatus::ServiceUnavailable,
+            "connection limit reached",
+        )
+    };
+    let Some(slot) = lifecycle::claim_slot(&shard, &mut stream, refusal).await else {
         return;
     };
-    metrics::gauge!("chatify_gateway_connections").increment(1.0);
     let Some((identity, buffer)) = upgrade(&shard, &mut stream).await else {
         return;
     };
@@ -55,28 +36,25 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
 
 /// Reads and answers the upgrade request; `None` when the connection was refused.
 async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, BytesMut)> {
-    let deadline = Instant::now() + shard.handshake_timeout();
     let mut buffer = BytesMut::with_capacity(4096);
-    let request = loop {
-        match ws::parse_upgrade(&buffer) {
-            Ok(Some((request, consumed))) => {
-                buffer.advance(consumed);
-                break request;
-            }
-            Ok(None) => {}
-            Err(error) => {
-                metrics::counter!("chatify_gateway_refusals_total", "reason" => "bad_handshake")
-                    .increment(1);
-                let mut response = BytesMut::new();
-                error.encode_response(&mut response);
-                let _ = stream.write_all(response).await;
-                return None;
-            }
-        }
-        let read = monoio::time::timeout(remaining(deadline), read_more(stream, buffer)).await;
-        let Ok((result, returned)) = read else {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => "handshake_timeout")
+    let parse = |buffer: &mut BytesMut| {
+        let parsed = ws::parse_upgrade(buffer)?;
+        Ok::<_, ws::HandshakeError>(parsed.map(|(request, consumed)| {
+            buffer.advance(consumed);
+            request
+        }))
+    };
+    let request = match lifecycle::read_handshake(shard, stream, &mut buffer, parse).await {
+        Ok(request) => request,
+        Err(HandshakeFailure::Invalid(error)) => {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "bad_handshake")
                 .increment(1);
+            let mut response = BytesMut::new();
+            error.encode_response(&mut response);
+            let _ = stream.write_all(response).await;
+            return None;
+        }
+        Err(HandshakeFailure::TimedOut) => {
             let _ = stream
                 .write_all(http_error(
                     HttpErrorStatus::RequestTimeout,
@@ -84,12 +62,8 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, Byt
                 ))
                 .await;
             return None;
-        };
-        buffer = returned;
-        match result {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
         }
+        Err(HandshakeFailure::Closed) => return None,
     };
     if request.path != "/ws" {
         let _ = stream
@@ -100,7 +74,7 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, Byt
             .await;
         return None;
     }
-    match authenticate(shard, request.token().unwrap_or("")).await {
+    match lifecycle::authenticate(shard, request.token().unwrap_or("")).await {
         Ok(identity) => {
             let mut response = BytesMut::new();
             ws::encode_switching_protocols(&request.sec_websocket_key, &mut response);
@@ -109,8 +83,6 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, Byt
             Some((identity, buffer))
         }
         Err(error) => {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => error.label())
-                .increment(1);
             let status = if error == AuthError::Unavailable {
                 HttpErrorStatus::ServiceUnavailable
             } else {
@@ -128,16 +100,6 @@ fn http_error(status: HttpErrorStatus, body: &str) -> BytesMut {
     let mut response = BytesMut::new();
     ws::encode_error_response(status, body, &mut response);
     response
-}
-
-/// Verifies the token and checks the deny-list (fails closed when Redis is down).
-pub(super) async fn authenticate(shard: &Shard, token: &str) -> Result<Identity, AuthError> {
-    let identity = shard.auth.verify(token)?;
-    match shard.redis.is_revoked(&identity.jti).await {
-        Ok(false) => Ok(identity),
-        Ok(true) => Err(AuthError::Revoked),
-        Err(_) => Err(AuthError::Unavailable),
-    }
 }
 
 fn error_text(error: AuthError) -> &'static str {
@@ -159,22 +121,17 @@ async fn run(
     stream: TcpStream,
     identity: Identity,
     mut buffer: BytesMut,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
 ) {
-    let connection_id = shard.next_connection_id();
-    let queue = OutboundQueue::new(Framing::WebSocket, shard.limits.send_queue_frames_max);
-    shard
-        .connections
-        .borrow_mut()
-        .insert(connection_id, queue.clone());
     let (mut reader, write_half) = stream.into_split();
-    let writer = monoio::spawn(writer::run(queue.clone(), write_half));
+    let registered = lifecycle::register(&shard, Framing::WebSocket, write_half, slot);
+    let queue = registered.queue.clone();
     let context = ConnectionContext {
-        connection_id,
+        connection_id: registered.connection_id,
         identity,
         transport: Transport::WebSocketText,
     };
-    let mut connection = Connection::new(&shard, context, queue.clone());
+    let mut connection = Connection::new(context, queue.clone());
     let mut json_scratch: Vec<u8> = Vec::with_capacity(1024);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
@@ -237,23 +194,11 @@ async fn run(
         if queue.is_finished() {
             break CloseReason::new(1000, "write side closed");
         }
-        let read =
-            monoio::time::timeout(shard.heartbeat_timeout(), read_more(&mut reader, buffer)).await;
-        let Ok((result, returned)) = read else {
-            metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
-                .increment(1);
-            break CloseReason::new(1000, "heartbeat timeout");
-        };
-        buffer = returned;
-        match result {
-            Ok(0) | Err(_) => break CloseReason::new(1000, "peer gone"),
-            Ok(_) => {}
+        match lifecycle::read_or_heartbeat_timeout(&shard, &mut reader, &mut buffer).await {
+            ReadEnd::Data => {}
+            ReadEnd::TimedOut => break CloseReason::new(1000, "heartbeat timeout"),
+            ReadEnd::Closed => break CloseReason::new(1000, "peer gone"),
         }
     };
-    // A slow reader's pending frames are dropped so the close goes out at once.
-    let slow = close.reason == "slow consumer";
-    queue.close_with(close.code, close.reason, slow);
-    drop(reader);
-    writer.await;
-    shard.connections.borrow_mut().remove(&connection_id);
+    registered.close(&shard, close, reader).await;
 }
