@@ -55,31 +55,54 @@ pub struct NodeTargets {
     pub connection_ids: Vec<u64>,
 }
 
-/// Looks up the routes of many users in one pipelined round trip and groups the live
-/// connections by gateway node. Undecodable entries are skipped and logged, never fatal.
-pub async fn lookup_by_node<C: ConnectionLike>(
+/// Looks up the live routes of many users in one pipelined round trip: one list per user,
+/// in the order given. Undecodable entries are skipped and logged, never fatal.
+pub async fn lookup_routes<C: ConnectionLike>(
     connection: &mut C,
     user_ids: &[&str],
-) -> redis::RedisResult<BTreeMap<String, NodeTargets>> {
+) -> redis::RedisResult<Vec<Vec<Route>>> {
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
     for user_id in user_ids {
         pipe.hgetall(keys::user_routes(user_id));
     }
     let replies: Vec<HashMap<String, String>> = pipe.query_async(connection).await?;
+    Ok(user_ids
+        .iter()
+        .zip(replies)
+        .map(|(user_id, devices)| {
+            devices
+                .into_iter()
+                .filter_map(|(device_id, value)| match Route::decode(&value) {
+                    Ok(route) => Some(route),
+                    Err(error) => {
+                        tracing::warn!(%error, user_id, device_id, "skipping malformed route");
+                        None
+                    }
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// [`lookup_routes`] grouped by gateway node: the connections to push to on each node.
+pub async fn lookup_by_node<C: ConnectionLike>(
+    connection: &mut C,
+    user_ids: &[&str],
+) -> redis::RedisResult<BTreeMap<String, NodeTargets>> {
     let mut by_node: BTreeMap<String, NodeTargets> = BTreeMap::new();
-    for (user_id, devices) in user_ids.iter().zip(replies) {
-        for (device_id, value) in devices {
-            match Route::decode(&value) {
-                Ok(route) => by_node
-                    .entry(route.node_id)
-                    .or_default()
-                    .connection_ids
-                    .push(route.connection_id),
-                Err(error) => {
-                    tracing::warn!(%error, user_id, device_id, "skipping malformed route")
-                }
-            }
-        }
+    for route in lookup_routes(connection, user_ids)
+        .await?
+        .into_iter()
+        .flatten()
+    {
+        by_node
+            .entry(route.node_id)
+            .or_default()
+            .connection_ids
+            .push(route.connection_id);
     }
     Ok(by_node)
 }

@@ -36,7 +36,7 @@ impl Topics {
         format!("{}.user-events", self.prefix)
     }
 
-    /// Read, recalled and deleted events.
+    /// Stored, read, recalled and deleted events.
     pub fn message_events(&self) -> String {
         format!("{}.message-events", self.prefix)
     }

@@ -80,3 +80,66 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// A TCP proxy on loopback in front of a real service, for fault injection: `set_down`
+/// cuts every proxied connection and refuses new ones (as a stopped server would), `set_up`
+/// lets them through again. The service itself keeps running for the other tests.
+#[derive(Debug)]
+pub struct TcpProxy {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts proxying a fresh loopback port to `upstream` (host:port).
+    pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up = std::sync::Arc::new(up);
+        let upstream = upstream.to_owned();
+        let state = std::sync::Arc::clone(&up);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut down = state.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, up, accept })
+    }
+
+    /// `127.0.0.1:port` of the proxy.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Cuts every connection and refuses new ones until [`TcpProxy::set_up`].
+    pub fn set_down(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn set_up(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.set_down();
+        self.accept.abort();
+    }
+}

@@ -25,9 +25,24 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!(group = %config.consumer_group, "storage-writer started");
-    chatify_core::telemetry::shutdown_signal().await;
-    shutdown.cancel();
+    let writer_shutdown = shutdown.clone();
+    let writer = tokio::spawn(async move {
+        storage_writer::consumer::run(&config, stores, writer_shutdown).await
+    });
+    tokio::pin!(writer);
+    // The writer finishes the batch in hand and commits before it returns.
+    let result = tokio::select! {
+        () = chatify_core::telemetry::shutdown_signal() => {
+            shutdown.cancel();
+            (&mut writer).await
+        }
+        finished = &mut writer => {
+            shutdown.cancel();
+            finished
+        }
+    };
     admin.await.context("admin server task")??;
+    result.context("writer task")??;
     tracing::info!("storage-writer stopped");
     Ok(())
 }
