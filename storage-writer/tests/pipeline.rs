@@ -501,3 +501,55 @@ async fn poison_records_go_to_the_dead_letter_topic_without_blocking() {
     assert_eq!(h.postgres_rows(&chat).await.len(), 1);
     writer.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn a_rebalance_mid_stream_neither_loses_nor_duplicates() {
+    let h = Harness::new(None).await;
+    let sender = h.user("alice");
+    let chats: Vec<SessionId> = (0..8)
+        .map(|i| h.single(&sender, &h.user(&format!("peer{i}"))))
+        .collect();
+    // Two members of one group share the partitions; one leaves mid-stream, another
+    // joins: each partition moves at least once while records flow.
+    let first = h.start_writer(h.config());
+    let second = h.start_writer(h.config());
+    let base = now_ms();
+    let per_chat = 25;
+    let mut third = None;
+    for i in 0..per_chat {
+        for (c, chat) in chats.iter().enumerate() {
+            h.send(&Send {
+                from: &sender,
+                session: chat,
+                client_msg_id: &format!("c{c}-{i}"),
+                content: "x",
+                node: "gw-a",
+                connection_id: 1,
+                received_at_ms: base + i as i64,
+            })
+            .await;
+        }
+        if i == 8 {
+            first.shutdown.cancel();
+        }
+        if i == 16 {
+            third = Some(h.start_writer(h.config()));
+        }
+    }
+    first.finished().await.expect("first stops cleanly");
+    for chat in &chats {
+        h.wait_acks("gw-a", chat, per_chat).await;
+        let rows = h.postgres_rows(chat).await;
+        assert_contiguous(&rows, per_chat);
+        assert_eq!(h.mongo_rows(chat).await, rows);
+        for (_, _, ack) in h.acks("gw-a", chat) {
+            let row = rows
+                .iter()
+                .find(|(_, _, client)| *client == ack.client_msg_id)
+                .expect("stored");
+            assert_eq!((&ack.message_id, ack.seq as i64), (&row.0, row.1));
+        }
+    }
+    second.stop().await.expect("stop");
+    third.expect("started").stop().await.expect("stop");
+}
