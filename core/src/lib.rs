@@ -1,8 +1,9 @@
-//! Shared plumbing every Chatify service uses: ids and session ids, the Redis key layout,
+//! Shared plumbing every Chatify service uses: client token verification, ids and session ids, the Redis key layout,
 //! Kafka topic names, config parsing and validation, route records, telemetry (logs,
 //! metrics, health endpoints) and readiness probes. No I/O loops of its own live here
 //! besides the small admin HTTP server.
 
+pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod keys;

@@ -59,3 +59,25 @@ impl Stores {
             .with(MongoProbe::new(self.mongo.clone())))
     }
 }
+
+/// A Redis connection manager, retrying with capped backoff until Redis answers or
+/// `shutdown` (then `None`): services start while Redis is still coming up.
+pub async fn connect_redis(
+    client: &redis::Client,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<redis::aio::ConnectionManager> {
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match redis::aio::ConnectionManager::new(client.clone()).await {
+            Ok(manager) => return Some(manager),
+            Err(error) => {
+                tracing::warn!(%error, "redis unavailable; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}

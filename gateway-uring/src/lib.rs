@@ -4,7 +4,8 @@
 //! decoded, validated and handed to one [`handler::FrameHandler`]; routing them through
 //! Kafka arrives with issue 6.
 
-pub mod auth;
+/// Token verification lives in chatify-core, shared with storage-reader.
+pub use chatify_core::auth;
 pub mod config;
 pub mod conn;
 pub mod handler;

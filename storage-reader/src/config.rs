@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 
 use chatify_core::config::{ConfigError, KafkaArgs, LogArgs, MongoArgs, PostgresArgs, RedisArgs};
 
+/// Shortest accepted secret, in bytes (HS256 wants at least the hash size).
+pub const JWT_SECRET_BYTES_MIN: usize = 32;
+
 /// Every setting of storage-reader (`storage-reader --help` lists them with their env vars).
-#[derive(Debug, Clone, clap::Parser)]
+#[derive(Clone, clap::Parser)]
 #[command(name = "storage-reader", version, about)]
 pub struct Config {
     #[command(flatten)]
@@ -24,6 +27,17 @@ pub struct Config {
     /// Address the gRPC service listens on.
     #[arg(long, env = "CHATIFY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// HS256 secret of client tokens (the gateway's): callers authenticate with
+    /// `authorization: Bearer <token>`.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// Shared secret of trusted internal callers (the gateway forwarding its users'
+    /// requests): `x-chatify-internal-token` plus `x-chatify-user-id`. Unset: only tokens.
+    #[arg(long, env = "CHATIFY_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+    /// How long after sending a sender may recall a message, in seconds.
+    #[arg(long, env = "CHATIFY_RECALL_WINDOW_SECONDS", default_value_t = 120)]
+    pub recall_window_seconds: u64,
 }
 
 impl Config {
@@ -32,6 +46,22 @@ impl Config {
         self.redis.validate()?;
         self.postgres.validate()?;
         self.mongo.validate()?;
+        if self.jwt_secret.len() < JWT_SECRET_BYTES_MIN {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                format!("must be at least {JWT_SECRET_BYTES_MIN} bytes"),
+            ));
+        }
+        if self
+            .internal_token
+            .as_ref()
+            .is_some_and(|token| token.len() < JWT_SECRET_BYTES_MIN)
+        {
+            return Err(ConfigError::new(
+                "CHATIFY_INTERNAL_TOKEN",
+                format!("must be at least {JWT_SECRET_BYTES_MIN} bytes"),
+            ));
+        }
         if self.grpc_addr == self.admin_addr {
             return Err(ConfigError::new(
                 "CHATIFY_GRPC_ADDR",
@@ -39,5 +69,20 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field("jwt_secret", &"<redacted>")
+            .field(
+                "internal_token",
+                &self.internal_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("recall_window_seconds", &self.recall_window_seconds)
+            .finish_non_exhaustive()
     }
 }

@@ -1,8 +1,14 @@
 //! storage-reader: the tonic gRPC service for history queries, get, delete, recall,
 //! mark-read, clear, session lists and group management (SPEC §5). This crate owns the
-//! service; today it serves gRPC reflection of the Chatify protos and its readiness probes.
+//! service: caller identity ([`identity`]), the store reads and per-user writes
+//! ([`store`]), the RPCs ([`service`]) and the one error-to-status mapping ([`error`]), plus
+//! gRPC reflection and the standard health service.
 
 pub mod config;
+pub mod error;
+pub mod identity;
+pub mod service;
+pub mod store;
 
 /// Topics the reader publishes to; readiness requires each to exist.
 pub fn required_topics(config: &config::Config) -> Vec<String> {

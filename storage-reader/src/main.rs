@@ -1,5 +1,6 @@
 use anyhow::Context as _;
 use chatify_core::stores::Stores;
+use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
 use storage_reader::config::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +28,28 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on CHATIFY_GRPC_ADDR {}", config.grpc_addr))?;
+    let Some(redis) = chatify_core::stores::connect_redis(&stores.redis, &shutdown).await else {
+        return Ok(());
+    };
+    let storage = storage_reader::service::Storage {
+        gatekeeper: storage_reader::identity::Gatekeeper::new(
+            chatify_core::auth::Authenticator::hs256(config.jwt_secret.as_bytes()),
+            config.internal_token.clone(),
+            redis.clone(),
+        ),
+        postgres: stores.postgres.clone(),
+        redis,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<StorageServiceServer<storage_reader::service::Storage>>()
+        .await;
     tracing::info!(grpc = %config.grpc_addr, "storage-reader started");
     let grpc_shutdown = shutdown.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(StorageServiceServer::new(storage))
             .add_service(storage_reader::reflection_service()?)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),

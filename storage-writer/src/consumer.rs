@@ -105,7 +105,7 @@ pub async fn run(
         .set("linger.ms", "2")
         .set("message.timeout.ms", "30000")
         .create()?;
-    let Some(redis) = connect_redis(&stores.redis, &shutdown).await else {
+    let Some(redis) = chatify_core::stores::connect_redis(&stores.redis, &shutdown).await else {
         return Ok(());
     };
     let sinks = Sinks {
@@ -218,26 +218,5 @@ async fn commit(
             tracing::warn!(%error, ?next, "offset commit failed; the records will be replayed");
         }
         Err(error) => tracing::error!(%error, "commit task failed"),
-    }
-}
-
-/// Connects to Redis, retrying until it answers or shutdown.
-async fn connect_redis(
-    client: &redis::Client,
-    shutdown: &CancellationToken,
-) -> Option<redis::aio::ConnectionManager> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match redis::aio::ConnectionManager::new(client.clone()).await {
-            Ok(manager) => return Some(manager),
-            Err(error) => {
-                tracing::warn!(%error, "redis unavailable; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }

@@ -1,6 +1,8 @@
-//! Client authentication: JWT verification with the algorithm pinned to HS256 (shared by
-//! every shard, read-only after start-up) and the identity a connection carries for its
-//! whole life. The revocation deny-list is checked separately ([`crate::redis_bridge`]).
+//! Client authentication: JWT verification with the algorithm pinned to HS256 and the
+//! identity a caller carries. The gateway verifies a connection's token with it (shared by
+//! every shard, read-only after start-up) and storage-reader a gRPC caller's, with the same
+//! secret and claims. The revocation deny-list ([`crate::keys::revoked_token`]) is checked
+//! by each service.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
@@ -109,8 +111,8 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|error| classify(error.kind()))?;
         let claims = data.claims;
-        let ids_valid = chatify_core::ids::validate_id(&claims.sub).is_ok()
-            && chatify_core::ids::validate_id(&claims.did).is_ok()
+        let ids_valid = crate::ids::validate_id(&claims.sub).is_ok()
+            && crate::ids::validate_id(&claims.did).is_ok()
             && !claims.jti.is_empty()
             && claims.jti.len() <= 128;
         if !ids_valid {

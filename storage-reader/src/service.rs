@@ -1,0 +1,369 @@
+//! The `chatify.storage.v1.StorageService` implementation. Every call: authenticate the
+//! caller ([`crate::identity`]), check the request, check membership, then read or write
+//! through [`crate::store`]; errors map to status codes in one place ([`crate::error`]).
+
+use chatify_core::ids::{MessageId, SessionId};
+use chatify_proto::storage::v1::storage_service_server::StorageService;
+use chatify_proto::storage::v1::{
+    ClearSessionRequest, ClearSessionResponse, DeleteMessageRequest, DeleteMessageResponse,
+    Direction, GetMessageRequest, GetMessageResponse, GetUnreadCountRequest,
+    GetUnreadCountResponse, ListSessionsRequest, ListSessionsResponse, MarkMessageReadRequest,
+    MarkMessageReadResponse, QueryMessagesRequest, QueryMessagesResponse, RecallMessageRequest,
+    RecallMessageResponse, query_messages_request,
+};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+use crate::error::ReaderError;
+use crate::identity::{Gatekeeper, check_user_field};
+use crate::store::{self, SeqPage};
+
+/// Page size when a query names none.
+pub const QUERY_LIMIT_DEFAULT: usize = 50;
+/// Largest page a query may ask for.
+pub const QUERY_LIMIT_MAX: usize = 200;
+
+/// The service: store clients and the gatekeeper.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub gatekeeper: Gatekeeper,
+    pub postgres: PgPool,
+    pub redis: ConnectionManager,
+}
+
+fn session_arg(text: &str) -> Result<SessionId, ReaderError> {
+    SessionId::parse(text)
+        .map_err(|error| ReaderError::InvalidArgument(format!("session_id {text:?}: {error}")))
+}
+
+fn message_id_arg(text: &str) -> Result<MessageId, ReaderError> {
+    MessageId::parse(text)
+        .map_err(|_| ReaderError::InvalidArgument(format!("message_id {text:?} is not a uuid")))
+}
+
+fn limit_arg(limit: u32) -> Result<usize, ReaderError> {
+    match limit as usize {
+        0 => Ok(QUERY_LIMIT_DEFAULT),
+        n if n <= QUERY_LIMIT_MAX => Ok(n),
+        n => Err(ReaderError::InvalidArgument(format!(
+            "limit {n} is over the maximum {QUERY_LIMIT_MAX}"
+        ))),
+    }
+}
+
+fn cursor_arg(cursor: &str) -> Result<Option<u64>, ReaderError> {
+    if cursor.is_empty() {
+        return Ok(None);
+    }
+    cursor.parse().map(Some).map_err(|_| {
+        ReaderError::InvalidArgument(format!("cursor {cursor:?} is not one this service gave"))
+    })
+}
+
+impl Storage {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<String, ReaderError> {
+        self.gatekeeper.caller(request.metadata()).await
+    }
+
+    async fn query(
+        &self,
+        caller: &str,
+        request: QueryMessagesRequest,
+    ) -> Result<QueryMessagesResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let session = session_arg(&request.session_id)?;
+        let limit = limit_arg(request.limit)?;
+        let cursor = cursor_arg(&request.cursor)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        let mut redis = self.redis.clone();
+        let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
+        let backward = Direction::try_from(request.direction) == Ok(Direction::Backward);
+        let mut messages = match request.range {
+            Some(query_messages_request::Range::Time(range)) => {
+                if backward {
+                    return Err(ReaderError::InvalidArgument(
+                        "time ranges are read forward only".into(),
+                    ));
+                }
+                if range.end_ms <= range.start_ms {
+                    return Err(ReaderError::InvalidArgument(
+                        "time range end_ms must be after start_ms".into(),
+                    ));
+                }
+                let after = cursor.unwrap_or(0).max(state.cleared_seq);
+                store::time_page(
+                    &self.postgres,
+                    caller,
+                    &session,
+                    (range.start_ms, range.end_ms),
+                    after,
+                    limit,
+                )
+                .await?
+            }
+            seq => {
+                let (after, before) = match seq {
+                    Some(query_messages_request::Range::Seq(range)) => {
+                        (range.after_seq, range.before_seq)
+                    }
+                    _ => (0, 0),
+                };
+                if before != 0 && before <= after + 1 {
+                    return Err(ReaderError::InvalidArgument(format!(
+                        "empty seq range: after {after}, before {before}"
+                    )));
+                }
+                // The cursor continues the page in its direction; the clear watermark hides
+                // everything up to it.
+                let (after, before) = match (backward, cursor) {
+                    (false, Some(cursor)) => (cursor.max(after), before),
+                    (true, Some(cursor)) => (after, cursor),
+                    (_, None) => (after, before),
+                };
+                let page = SeqPage {
+                    after: after.max(state.cleared_seq),
+                    before,
+                    backward,
+                    limit,
+                };
+                if page.before != 0 && page.before <= page.after + 1 {
+                    Vec::new()
+                } else {
+                    store::seq_page(&self.postgres, &mut redis, caller, &session, page)
+                        .await?
+                        .0
+                }
+            }
+        };
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        let next_cursor = match (has_more, messages.last()) {
+            (true, Some(last)) => last.seq.to_string(),
+            _ => String::new(),
+        };
+        Ok(QueryMessagesResponse {
+            messages,
+            next_cursor,
+            has_more,
+        })
+    }
+
+    async fn get(
+        &self,
+        caller: &str,
+        request: GetMessageRequest,
+    ) -> Result<GetMessageResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let message_id = message_id_arg(&request.message_id)?;
+        let not_found =
+            || ReaderError::NotFound(format!("message {} does not exist", request.message_id));
+        let (message, hidden) = store::message_by_id(&self.postgres, caller, message_id.as_uuid())
+            .await?
+            .ok_or_else(not_found)?;
+        let session = session_arg(&message.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        let mut redis = self.redis.clone();
+        let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
+        // Deleted for me, burned, or cleared: as if it did not exist, for this user.
+        if hidden || message.seq <= state.cleared_seq {
+            return Err(not_found());
+        }
+        Ok(GetMessageResponse {
+            message: Some(message),
+        })
+    }
+
+    async fn delete(
+        &self,
+        caller: &str,
+        request: DeleteMessageRequest,
+    ) -> Result<DeleteMessageResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let message_id = message_id_arg(&request.message_id)?;
+        let (message, _) = store::message_by_id(&self.postgres, caller, message_id.as_uuid())
+            .await?
+            .ok_or_else(|| {
+                ReaderError::NotFound(format!("message {} does not exist", request.message_id))
+            })?;
+        let session = session_arg(&message.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        sqlx::query(
+            "INSERT INTO message_hides (user_id, message_id, session_id, seq, reason) \
+             VALUES ($1, $2, $3, $4, 'deleted') ON CONFLICT (user_id, message_id) DO NOTHING",
+        )
+        .bind(caller)
+        .bind(message_id.as_uuid())
+        .bind(session.to_string())
+        .bind(message.seq as i64)
+        .execute(&self.postgres)
+        .await?;
+        Ok(DeleteMessageResponse {})
+    }
+
+    async fn clear(
+        &self,
+        caller: &str,
+        request: ClearSessionRequest,
+    ) -> Result<ClearSessionResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let session = session_arg(&request.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        let mut redis = self.redis.clone();
+        let last = store::last_seq(&self.postgres, &mut redis, &session).await?;
+        // A watermark, not a rewrite: everything up to `last` is hidden for this user only.
+        let (cleared,): (i64,) = sqlx::query_as(
+            "INSERT INTO user_session_state (user_id, session_id, cleared_seq, read_seq) \
+             VALUES ($1, $2, $3, $3) ON CONFLICT (user_id, session_id) DO UPDATE \
+             SET cleared_seq = GREATEST(user_session_state.cleared_seq, EXCLUDED.cleared_seq), \
+                 read_seq = GREATEST(user_session_state.read_seq, EXCLUDED.read_seq), \
+                 updated_at = now() \
+             RETURNING cleared_seq",
+        )
+        .bind(caller)
+        .bind(session.to_string())
+        .bind(last as i64)
+        .fetch_one(&self.postgres)
+        .await?;
+        Ok(ClearSessionResponse {
+            cleared_through_seq: cleared as u64,
+        })
+    }
+
+    async fn mark_read(
+        &self,
+        caller: &str,
+        request: MarkMessageReadRequest,
+    ) -> Result<MarkMessageReadResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let session = session_arg(&request.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        let mut redis = self.redis.clone();
+        let last = store::last_seq(&self.postgres, &mut redis, &session).await?;
+        if request.seq > last {
+            return Err(ReaderError::InvalidArgument(format!(
+                "seq {} is past the last message ({last}) of {session}",
+                request.seq
+            )));
+        }
+        let read_seq =
+            store::mark_read(&self.postgres, &mut redis, caller, &session, request.seq).await?;
+        Ok(MarkMessageReadResponse { read_seq })
+    }
+
+    async fn unread(
+        &self,
+        caller: &str,
+        request: GetUnreadCountRequest,
+    ) -> Result<GetUnreadCountResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let session = session_arg(&request.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        let mut redis = self.redis.clone();
+        let last = store::last_seq(&self.postgres, &mut redis, &session).await?;
+        let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
+        // What arrived after the later of my read cursor (which my own sends also move)
+        // and my clear watermark.
+        let seen = state.read_seq.max(state.cleared_seq);
+        Ok(GetUnreadCountResponse {
+            unread_count: last.saturating_sub(seen),
+        })
+    }
+}
+
+/// Runs one call: authenticate, then the body; errors become statuses.
+macro_rules! call {
+    ($self:ident, $request:ident, $body:ident) => {{
+        let caller = $self.caller(&$request).await.map_err(Status::from)?;
+        $self
+            .$body(&caller, $request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }};
+}
+
+#[tonic::async_trait]
+impl StorageService for Storage {
+    async fn query_messages(
+        &self,
+        request: Request<QueryMessagesRequest>,
+    ) -> Result<Response<QueryMessagesResponse>, Status> {
+        call!(self, request, query)
+    }
+
+    async fn get_message(
+        &self,
+        request: Request<GetMessageRequest>,
+    ) -> Result<Response<GetMessageResponse>, Status> {
+        call!(self, request, get)
+    }
+
+    async fn delete_message(
+        &self,
+        request: Request<DeleteMessageRequest>,
+    ) -> Result<Response<DeleteMessageResponse>, Status> {
+        call!(self, request, delete)
+    }
+
+    async fn recall_message(
+        &self,
+        request: Request<RecallMessageRequest>,
+    ) -> Result<Response<RecallMessageResponse>, Status> {
+        self.caller(&request).await.map_err(Status::from)?;
+        Err(Status::unimplemented(
+            "RecallMessage is not built yet (issue 5, next step)",
+        ))
+    }
+
+    async fn clear_session(
+        &self,
+        request: Request<ClearSessionRequest>,
+    ) -> Result<Response<ClearSessionResponse>, Status> {
+        call!(self, request, clear)
+    }
+
+    async fn mark_message_read(
+        &self,
+        request: Request<MarkMessageReadRequest>,
+    ) -> Result<Response<MarkMessageReadResponse>, Status> {
+        call!(self, request, mark_read)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        self.caller(&request).await.map_err(Status::from)?;
+        Err(Status::unimplemented(
+            "ListSessions is not built yet (issue 5, next step)",
+        ))
+    }
+
+    async fn get_unread_count(
+        &self,
+        request: Request<GetUnreadCountRequest>,
+    ) -> Result<Response<GetUnreadCountResponse>, Status> {
+        call!(self, request, unread)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_cursors_are_checked() {
+        assert_eq!(limit_arg(0).ok(), Some(QUERY_LIMIT_DEFAULT));
+        assert_eq!(limit_arg(200).ok(), Some(200));
+        assert!(matches!(
+            limit_arg(201),
+            Err(ReaderError::InvalidArgument(_))
+        ));
+        assert_eq!(cursor_arg("").ok(), Some(None));
+        assert_eq!(cursor_arg("42").ok(), Some(Some(42)));
+        assert!(cursor_arg("x").is_err());
+        assert!(session_arg("room:1").is_err());
+        assert!(message_id_arg("nope").is_err());
+    }
+}

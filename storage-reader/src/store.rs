@@ -1,0 +1,361 @@
+//! Reads and per-user writes against the stores, in the writer's layout
+//! (`storage-writer/src/cache.rs` for Redis, `migrations/` for Postgres): membership, the
+//! Redis hot cache with Postgres behind it, per-user read and clear state.
+
+use chatify_core::ids::SessionId;
+use chatify_core::keys;
+use chatify_proto::Message as _;
+use chatify_proto::client::v1::{ChatMessage, MessageType};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+
+use crate::error::ReaderError;
+
+/// Fails unless `user` is a member of `session` (a group that does not exist is NotFound).
+pub async fn require_member(
+    postgres: &PgPool,
+    session: &SessionId,
+    user: &str,
+) -> Result<(), ReaderError> {
+    if let SessionId::Single { lo, hi } = session {
+        return if user == lo || user == hi {
+            Ok(())
+        } else {
+            Err(ReaderError::PermissionDenied(format!(
+                "{user} is not a member of {session}"
+            )))
+        };
+    }
+    let (exists, member): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id = $1), \
+                EXISTS (SELECT 1 FROM session_members WHERE session_id = $1 AND user_id = $2)",
+    )
+    .bind(session.to_string())
+    .bind(user)
+    .fetch_one(postgres)
+    .await?;
+    match (exists, member) {
+        (false, _) => Err(ReaderError::NotFound(format!(
+            "session {session} does not exist"
+        ))),
+        (true, false) => Err(ReaderError::PermissionDenied(format!(
+            "{user} is not a member of {session}"
+        ))),
+        (true, true) => Ok(()),
+    }
+}
+
+/// A user's state in one session: read cursor and clear watermark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserState {
+    pub read_seq: u64,
+    pub cleared_seq: u64,
+}
+
+pub async fn user_state(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+) -> Result<UserState, ReaderError> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT read_seq, cleared_seq FROM user_session_state WHERE user_id = $1 AND session_id = $2",
+    )
+    .bind(user)
+    .bind(session.to_string())
+    .fetch_optional(postgres)
+    .await?;
+    let (read_seq, cleared_seq) = row.unwrap_or_default();
+    // The writer moves a sender's cursor in Redis to its own message: the later of the two.
+    let cursor: Option<u64> = redis::cmd("HGET")
+        .arg(keys::user_cursors(user))
+        .arg(session.to_string())
+        .query_async(redis)
+        .await?;
+    Ok(UserState {
+        read_seq: (read_seq as u64).max(cursor.unwrap_or(0)),
+        cleared_seq: cleared_seq as u64,
+    })
+}
+
+/// The session's last seq: Redis session state, else Postgres.
+pub async fn last_seq(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    session: &SessionId,
+) -> Result<u64, ReaderError> {
+    let cached: Option<u64> = redis::cmd("HGET")
+        .arg(keys::session_state(session))
+        .arg("last_seq")
+        .query_async(redis)
+        .await?;
+    if let Some(seq) = cached {
+        return Ok(seq);
+    }
+    let (seq,): (Option<i64>,) = sqlx::query_as(
+        "SELECT (SELECT seq FROM messages WHERE session_id = $1 ORDER BY seq DESC LIMIT 1)",
+    )
+    .bind(session.to_string())
+    .fetch_one(postgres)
+    .await?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+/// Moves the read cursor forward only (atomic under concurrent calls) and returns it.
+pub async fn mark_read(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+    seq: u64,
+) -> Result<u64, ReaderError> {
+    let (read_seq,): (i64,) = sqlx::query_as(
+        "INSERT INTO user_session_state (user_id, session_id, read_seq) VALUES ($1, $2, $3) \
+         ON CONFLICT (user_id, session_id) DO UPDATE \
+         SET read_seq = GREATEST(user_session_state.read_seq, EXCLUDED.read_seq), \
+             updated_at = now() \
+         RETURNING read_seq",
+    )
+    .bind(user)
+    .bind(session.to_string())
+    .bind(seq as i64)
+    .fetch_one(postgres)
+    .await?;
+    let forward = redis::Script::new(
+        "local read = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') \
+         if tonumber(ARGV[2]) > read then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end \
+         return tonumber(redis.call('HGET', KEYS[1], ARGV[1]))",
+    );
+    let cursor: u64 = forward
+        .key(keys::user_cursors(user))
+        .arg(session.to_string())
+        .arg(read_seq)
+        .invoke_async(redis)
+        .await?;
+    Ok(cursor.max(read_seq as u64))
+}
+
+/// Bounds of a seq page: exclusive `after` and `before` (0 = none), in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqPage {
+    pub after: u64,
+    pub before: u64,
+    pub backward: bool,
+    pub limit: usize,
+}
+
+/// `ZRANGE key 0 0 WITHSCORES`: the oldest cached entry and its seq, if any.
+type LowestEntry = Vec<(Vec<u8>, f64)>;
+
+/// Where a page came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Archive,
+}
+
+/// Up to `limit + 1` messages of the page (the extra one tells whether there is more), in
+/// page order, hidden ones for `user` removed. The hot cache serves the page when it holds
+/// every seq the page can reach; otherwise the archive serves all of it (the archive has
+/// everything the cache has), so a page never mixes sources and has no gap or duplicate.
+pub async fn seq_page(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+    page: SeqPage,
+) -> Result<(Vec<ChatMessage>, Source), ReaderError> {
+    let hot = keys::session_hot_cache(session);
+    let want = page.limit + 1;
+    let upper = if page.before == 0 {
+        "+inf".to_owned()
+    } else {
+        format!("({}", page.before)
+    };
+    let lower = format!("({}", page.after);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGE").arg(&hot).arg(0).arg(0).arg("WITHSCORES");
+    if page.backward {
+        pipe.cmd("ZREVRANGEBYSCORE")
+            .arg(&hot)
+            .arg(&upper)
+            .arg(&lower)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(want);
+    } else {
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&hot)
+            .arg(&lower)
+            .arg(&upper)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(want);
+    }
+    let (lowest, cached): (LowestEntry, Vec<Vec<u8>>) = pipe.query_async(redis).await?;
+    let cache_min = lowest.first().map(|(_, score)| *score as u64);
+    let served_by_cache = match cache_min {
+        None => false,
+        // Forward: every seq above `after` is cached.
+        Some(min) if !page.backward => page.after + 1 >= min,
+        // Backward: a full page from the cache, or the cache reaches down to `after`.
+        Some(min) => cached.len() == want || page.after + 1 >= min,
+    };
+    if served_by_cache {
+        let mut messages = Vec::with_capacity(cached.len());
+        for bytes in cached {
+            let message = ChatMessage::decode(bytes.as_slice()).map_err(|error| {
+                ReaderError::Unavailable {
+                    store: "redis",
+                    reason: format!("undecodable hot-cache entry in {hot}: {error}"),
+                }
+            })?;
+            messages.push(message);
+        }
+        let hidden = hidden_seqs(postgres, user, session, &messages).await?;
+        messages.retain(|message| !hidden.contains(&message.seq));
+        metrics::counter!("chatify_reader_page_source_total", "source" => "cache").increment(1);
+        return Ok((messages, Source::Cache));
+    }
+    metrics::counter!("chatify_reader_page_source_total", "source" => "archive").increment(1);
+    let order = if page.backward { "DESC" } else { "ASC" };
+    let rows: Vec<ArchiveRow> = sqlx::query_as(&format!(
+        "SELECT {ARCHIVE_COLUMNS} FROM messages m \
+         WHERE m.session_id = $1 AND m.seq > $2 AND ($3 = 0 OR m.seq < $3) \
+           AND NOT EXISTS (SELECT 1 FROM message_hides h WHERE h.user_id = $4 \
+                           AND h.message_id = m.message_id AND h.hidden_from <= now()) \
+         ORDER BY m.seq {order} LIMIT $5"
+    ))
+    .bind(session.to_string())
+    .bind(page.after as i64)
+    .bind(page.before as i64)
+    .bind(user)
+    .bind(want as i64)
+    .fetch_all(postgres)
+    .await?;
+    Ok((
+        rows.into_iter().map(ArchiveRow::into_message).collect(),
+        Source::Archive,
+    ))
+}
+
+/// Messages of a time range (archive only), by seq from `after_seq`.
+pub async fn time_page(
+    postgres: &PgPool,
+    user: &str,
+    session: &SessionId,
+    (start_ms, end_ms): (i64, i64),
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<ChatMessage>, ReaderError> {
+    let rows: Vec<ArchiveRow> = sqlx::query_as(&format!(
+        "SELECT {ARCHIVE_COLUMNS} FROM messages m \
+         WHERE m.session_id = $1 AND m.created_at >= to_timestamp($2 / 1000.0) \
+           AND m.created_at < to_timestamp($3 / 1000.0) AND m.seq > $4 \
+           AND NOT EXISTS (SELECT 1 FROM message_hides h WHERE h.user_id = $5 \
+                           AND h.message_id = m.message_id AND h.hidden_from <= now()) \
+         ORDER BY m.seq ASC LIMIT $6"
+    ))
+    .bind(session.to_string())
+    .bind(start_ms as f64)
+    .bind(end_ms as f64)
+    .bind(after_seq as i64)
+    .bind(user)
+    .bind((limit + 1) as i64)
+    .fetch_all(postgres)
+    .await?;
+    Ok(rows.into_iter().map(ArchiveRow::into_message).collect())
+}
+
+/// One message by id, with whether `user` has hidden it.
+pub async fn message_by_id(
+    postgres: &PgPool,
+    user: &str,
+    message_id: uuid::Uuid,
+) -> Result<Option<(ChatMessage, bool)>, ReaderError> {
+    let row: Option<HiddenRow> = sqlx::query_as(&format!(
+        "SELECT {ARCHIVE_COLUMNS}, EXISTS (SELECT 1 FROM message_hides h WHERE h.user_id = $2 \
+                AND h.message_id = m.message_id AND h.hidden_from <= now()) AS hidden \
+         FROM messages m WHERE m.message_id = $1"
+    ))
+    .bind(message_id)
+    .bind(user)
+    .fetch_optional(postgres)
+    .await?;
+    Ok(row.map(|row| (row.row.into_message(), row.hidden)))
+}
+
+async fn hidden_seqs(
+    postgres: &PgPool,
+    user: &str,
+    session: &SessionId,
+    messages: &[ChatMessage],
+) -> Result<Vec<u64>, ReaderError> {
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs: Vec<i64> = messages.iter().map(|message| message.seq as i64).collect();
+    let hidden: Vec<(i64,)> = sqlx::query_as(
+        "SELECT seq FROM message_hides WHERE user_id = $1 AND session_id = $2 \
+         AND seq = ANY($3) AND hidden_from <= now()",
+    )
+    .bind(user)
+    .bind(session.to_string())
+    .bind(&seqs)
+    .fetch_all(postgres)
+    .await?;
+    Ok(hidden.into_iter().map(|(seq,)| seq as u64).collect())
+}
+
+const ARCHIVE_COLUMNS: &str = "m.message_id, m.session_id, m.seq, m.sender_id, m.message_type, \
+    m.content, (extract(epoch FROM m.created_at) * 1000)::int8 AS created_ms, \
+    m.burn_after_seconds, m.recalled_at IS NOT NULL AS recalled";
+
+#[derive(Debug, sqlx::FromRow)]
+struct HiddenRow {
+    #[sqlx(flatten)]
+    row: ArchiveRow,
+    hidden: bool,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ArchiveRow {
+    message_id: uuid::Uuid,
+    session_id: String,
+    seq: i64,
+    sender_id: String,
+    message_type: String,
+    content: Vec<u8>,
+    created_ms: i64,
+    burn_after_seconds: Option<i32>,
+    recalled: bool,
+}
+
+impl ArchiveRow {
+    fn into_message(self) -> ChatMessage {
+        let message_type = match self.message_type.as_str() {
+            "image" => MessageType::Image,
+            "file" => MessageType::File,
+            "system" => MessageType::System,
+            "control" => MessageType::Control,
+            "indicator" => MessageType::Indicator,
+            _ => MessageType::Text,
+        };
+        ChatMessage {
+            message_id: self.message_id.to_string(),
+            session_id: self.session_id,
+            seq: self.seq as u64,
+            sender_id: self.sender_id,
+            message_type: message_type as i32,
+            // A recalled message is a tombstone: no content.
+            content: if self.recalled {
+                String::new()
+            } else {
+                String::from_utf8_lossy(&self.content).into_owned()
+            },
+            timestamp: self.created_ms,
+            burn_after_seconds: self.burn_after_seconds.map(|seconds| seconds as u32),
+            recalled: self.recalled,
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! StorageService over real gRPC, on data the real writer pipeline stored (broker, Redis,
+//! Postgres, MongoDB-protocol server): pages across the cache/archive boundary, identity
+//! and every refusal code, monotonic reads under concurrency, unread counts, delete-for-me
+//! and clear-session.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use chatify_core::ids::SessionId;
+use chatify_core::keys;
+use chatify_core::stores::Stores;
+use chatify_e2e::{service_env, unique_name};
+use chatify_proto::Message as _;
+use chatify_proto::bus::v1::{UpstreamCommand, upstream_command};
+use chatify_proto::client::v1::{self as client, MessageType};
+use chatify_proto::storage::v1::storage_service_client::StorageServiceClient;
+use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
+use chatify_proto::storage::v1::{
+    ClearSessionRequest, DeleteMessageRequest, Direction, GetMessageRequest, GetUnreadCountRequest,
+    MarkMessageReadRequest, QueryMessagesRequest, SeqRange, query_messages_request,
+};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use storage_reader::identity::{Gatekeeper, INTERNAL_TOKEN_HEADER, INTERNAL_USER_HEADER};
+use storage_reader::service::Storage;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const SECRET: &str = "reader-test-secret-that-is-long-enough-0123";
+const INTERNAL: &str = "reader-internal-token-that-is-long-enough-0123";
+const WAIT: Duration = Duration::from_secs(60);
+
+struct World {
+    client: StorageServiceClient<Channel>,
+    postgres: sqlx::PgPool,
+    redis: redis::aio::MultiplexedConnection,
+    tag: String,
+    writer_stop: CancellationToken,
+    producer: FutureProducer,
+    upstream: String,
+}
+
+fn token(user: &str, jti: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user, "did": "phone", "jti": jti, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn as_user<T>(user: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(user, &format!("j-{user}")))
+            .parse()
+            .unwrap(),
+    );
+    request
+}
+
+impl World {
+    /// Starts the writer (real pipeline) and the reader (real service, real gRPC).
+    async fn start() -> Self {
+        let kafka = service_env("KAFKA_BOOTSTRAP_SERVERS");
+        let prefix = unique_name("rt");
+        let topics = chatify_core::topics::Topics::new(prefix.clone());
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &kafka)
+            .create()
+            .unwrap();
+        let names = [
+            topics.upstream(),
+            topics.upstream_dlq(),
+            topics.message_events(),
+            topics.push("gw-r"),
+        ];
+        let specs: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| NewTopic::new(name, 1, TopicReplication::Fixed(1)))
+            .collect();
+        for result in admin
+            .create_topics(&specs, &AdminOptions::new().operation_timeout(Some(WAIT)))
+            .await
+            .unwrap()
+        {
+            result.unwrap();
+        }
+        let writer_config: storage_writer::config::Config = chatify_core::config::parse_from([
+            "storage-writer".to_owned(),
+            format!("--kafka-bootstrap-servers={kafka}"),
+            format!("--topic-prefix={prefix}"),
+            format!("--redis-url={}", service_env("REDIS_URL")),
+            format!("--postgres-url={}", service_env("POSTGRES_URL")),
+            format!("--mongo-url={}", service_env("MONGO_URL")),
+            format!("--mongo-database={}", prefix.replace('-', "_")),
+            format!("--consumer-group={prefix}-writer"),
+        ])
+        .unwrap();
+        let stores = Stores::open(
+            &writer_config.redis,
+            &writer_config.postgres,
+            &writer_config.mongo,
+        )
+        .await
+        .unwrap();
+        let writer_stop = CancellationToken::new();
+        let writer_stores = stores.clone();
+        let stop = writer_stop.clone();
+        tokio::spawn(async move {
+            storage_writer::consumer::run(&writer_config, writer_stores, stop)
+                .await
+                .unwrap();
+        });
+        let redis_manager = redis::aio::ConnectionManager::new(stores.redis.clone())
+            .await
+            .unwrap();
+        let storage = Storage {
+            gatekeeper: Gatekeeper::new(
+                chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
+                Some(INTERNAL.to_owned()),
+                redis_manager.clone(),
+            ),
+            postgres: stores.postgres.clone(),
+            redis: redis_manager,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(StorageServiceServer::new(storage))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let client = StorageServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka)
+            .create()
+            .unwrap();
+        let redis = stores
+            .redis
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        Self {
+            client,
+            postgres: stores.postgres,
+            redis,
+            tag: prefix.replace('-', ""),
+            writer_stop,
+            producer,
+            upstream: topics.upstream(),
+        }
+    }
+
+    fn user(&self, name: &str) -> String {
+        format!("{name}{}", self.tag)
+    }
+
+    /// Sends `count` messages from `from` through the writer and waits until stored.
+    async fn chat(&self, from: &str, session: &SessionId, first: usize, count: usize) {
+        let (producer, topic) = (&self.producer, &self.upstream);
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for i in first..first + count {
+            let command = UpstreamCommand {
+                sender_id: from.to_owned(),
+                device_id: "phone".into(),
+                node_id: "gw-r".into(),
+                connection_id: 1,
+                received_at_ms: base + i as i64,
+                session_id: session.to_string(),
+                message_id: String::new(),
+                command: Some(upstream_command::Command::Send(client::Send {
+                    client_msg_id: format!("{from}-{i}"),
+                    receiver_id: session.peer_of(from).map(str::to_owned),
+                    session_id: None,
+                    message_type: MessageType::Text as i32,
+                    content: format!("message {i}"),
+                    burn_after_seconds: None,
+                    request_id: None,
+                })),
+            };
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(&session.to_string())
+                        .payload(&command.encode_to_vec()),
+                    WAIT,
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (stored,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM messages WHERE session_id = $1 AND sender_id = $2",
+            )
+            .bind(session.to_string())
+            .bind(from)
+            .fetch_one(&self.postgres)
+            .await
+            .unwrap();
+            if stored as usize >= first + count {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "writer did not store"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn page(
+        &mut self,
+        user: &str,
+        session: &SessionId,
+        backward: bool,
+        limit: u32,
+        cursor: &str,
+    ) -> (Vec<u64>, String, bool) {
+        let response = self
+            .client
+            .query_messages(as_user(
+                user,
+                QueryMessagesRequest {
+                    session_id: session.to_string(),
+                    direction: if backward {
+                        Direction::Backward
+                    } else {
+                        Direction::Forward
+                    } as i32,
+                    limit,
+                    cursor: cursor.to_owned(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let seqs = response
+            .messages
+            .iter()
+            .map(|message| message.seq)
+            .collect();
+        (seqs, response.next_cursor, response.has_more)
+    }
+
+    /// Every seq `user` sees, paging in `limit`s.
+    async fn all_pages(&mut self, user: &str, session: &SessionId, backward: bool) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let (seqs, next, has_more) = self.page(user, session, backward, 7, &cursor).await;
+            seen.extend(seqs);
+            if !has_more {
+                return seen;
+            }
+            cursor = next;
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.writer_stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn pages_cross_the_cache_and_archive_boundary_without_gap_or_duplicate() {
+    let mut world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 30).await;
+    // Keep only the newest 10 in the hot cache: seqs 1..=20 live only in the archive.
+    let mut redis = world.redis.clone();
+    redis::cmd("ZREMRANGEBYRANK")
+        .arg(keys::session_hot_cache(&chat))
+        .arg(0)
+        .arg(-11)
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    let forward = world.all_pages(&bob, &chat, false).await;
+    assert_eq!(forward, (1..=30).collect::<Vec<_>>());
+    let backward = world.all_pages(&bob, &chat, true).await;
+    assert_eq!(backward, (1..=30).rev().collect::<Vec<_>>());
+    // A page inside the cache and one across the boundary agree with the archive.
+    let (seqs, cursor, more) = world.page(&bob, &chat, true, 5, "").await;
+    assert_eq!(
+        (seqs, cursor.as_str(), more),
+        (vec![30, 29, 28, 27, 26], "26", true)
+    );
+    let (seqs, _, _) = world.page(&bob, &chat, false, 5, "18").await;
+    assert_eq!(seqs, vec![19, 20, 21, 22, 23]);
+    // Content survives both paths.
+    let response = world
+        .client
+        .query_messages(as_user(
+            &bob,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                range: Some(query_messages_request::Range::Seq(SeqRange {
+                    after_seq: 2,
+                    before_seq: 4,
+                })),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.messages.len(), 1);
+    assert_eq!(response.messages[0].content, "message 2");
+    assert_eq!(response.messages[0].sender_id, alice);
+}
+
+#[tokio::test]
+async fn identity_and_every_refusal_have_their_code() {
+    let mut world = World::start().await;
+    let (alice, bob, eve) = (world.user("alice"), world.user("bob"), world.user("eve"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 3).await;
+    let query = |session: &str| QueryMessagesRequest {
+        session_id: session.to_owned(),
+        ..Default::default()
+    };
+    let code = |result: Result<tonic::Response<_>, tonic::Status>| {
+        result
+            .map(|_: tonic::Response<chatify_proto::storage::v1::QueryMessagesResponse>| ())
+            .expect_err("refused")
+            .code()
+    };
+    // No token, a forged token, a revoked token.
+    let anonymous = world.client.query_messages(query(&chat.to_string())).await;
+    assert_eq!(code(anonymous), Code::Unauthenticated);
+    let mut forged = Request::new(query(&chat.to_string()));
+    forged
+        .metadata_mut()
+        .insert("authorization", "Bearer a.b.c".parse().unwrap());
+    assert_eq!(
+        code(world.client.query_messages(forged).await),
+        Code::Unauthenticated
+    );
+    let mut redis = world.redis.clone();
+    redis::cmd("SET")
+        .arg(keys::revoked_token(&format!("j-{eve}")))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    let revoked = world
+        .client
+        .query_messages(as_user(&eve, query(&chat.to_string())))
+        .await;
+    assert_eq!(code(revoked), Code::Unauthenticated);
+    // A stranger, a forged user_id, a bad argument, an unknown group.
+    let stranger = world.user("mallory");
+    let refused = world
+        .client
+        .query_messages(as_user(&stranger, query(&chat.to_string())))
+        .await;
+    assert_eq!(code(refused), Code::PermissionDenied);
+    let mut spoof = query(&chat.to_string());
+    spoof.user_id = alice.clone();
+    assert_eq!(
+        code(world.client.query_messages(as_user(&bob, spoof)).await),
+        Code::PermissionDenied
+    );
+    let mut too_many = query(&chat.to_string());
+    too_many.limit = 500;
+    assert_eq!(
+        code(world.client.query_messages(as_user(&bob, too_many)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            world
+                .client
+                .query_messages(as_user(&bob, query("room:1")))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let nowhere = format!("grp:none{}", world.tag);
+    assert_eq!(
+        code(
+            world
+                .client
+                .query_messages(as_user(&bob, query(&nowhere)))
+                .await
+        ),
+        Code::NotFound
+    );
+    // The internal caller path acts for the named user, and only with the right secret.
+    let mut internal = Request::new(query(&chat.to_string()));
+    internal
+        .metadata_mut()
+        .insert(INTERNAL_TOKEN_HEADER, INTERNAL.parse().unwrap());
+    internal
+        .metadata_mut()
+        .insert(INTERNAL_USER_HEADER, bob.parse().unwrap());
+    let answered = world
+        .client
+        .query_messages(internal)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answered.messages.len(), 3);
+    let mut wrong = Request::new(query(&chat.to_string()));
+    wrong
+        .metadata_mut()
+        .insert(INTERNAL_TOKEN_HEADER, "nope".parse().unwrap());
+    wrong
+        .metadata_mut()
+        .insert(INTERNAL_USER_HEADER, bob.parse().unwrap());
+    assert_eq!(
+        code(world.client.query_messages(wrong).await),
+        Code::Unauthenticated
+    );
+    // GetMessage of a bad id and of an unknown one.
+    let bad = world
+        .client
+        .get_message(as_user(
+            &bob,
+            GetMessageRequest {
+                message_id: "x".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("bad id");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let unknown = world
+        .client
+        .get_message(as_user(
+            &bob,
+            GetMessageRequest {
+                message_id: "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("unknown id");
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn reads_only_move_forward_and_unread_counts_follow() {
+    let mut world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 30).await;
+    let unread = |world: &World, user: &str| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            user,
+            GetUnreadCountRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        );
+        async move {
+            client
+                .get_unread_count(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .unread_count
+        }
+    };
+    assert_eq!(unread(&world, &bob).await, 30);
+    assert_eq!(unread(&world, &alice).await, 0, "own messages are read");
+    // Two devices read concurrently, many times: the cursor never moves back.
+    let mark = |seq: u64| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq,
+                ..Default::default()
+            },
+        );
+        async move {
+            client
+                .mark_message_read(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .read_seq
+        }
+    };
+    let results =
+        futures::future::join_all((0..20).map(|i| mark(if i % 2 == 0 { 20 } else { 10 }))).await;
+    assert!(results.iter().all(|read| *read == 20), "{results:?}");
+    assert_eq!(mark(5).await, 20);
+    assert_eq!(unread(&world, &bob).await, 10);
+    let past_end = world
+        .client
+        .mark_message_read(as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 31,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("past the end");
+    assert_eq!(past_end.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn delete_for_me_and_clear_hide_only_for_the_caller() {
+    let mut world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 5).await;
+    let (third,): (uuid::Uuid,) =
+        sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 AND seq = 3")
+            .bind(chat.to_string())
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    world
+        .client
+        .delete_message(as_user(
+            &bob,
+            DeleteMessageRequest {
+                message_id: third.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2, 4, 5]);
+    assert_eq!(
+        world.all_pages(&alice, &chat, false).await,
+        vec![1, 2, 3, 4, 5]
+    );
+    let gone = world
+        .client
+        .get_message(as_user(
+            &bob,
+            GetMessageRequest {
+                message_id: third.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("deleted for bob");
+    assert_eq!(gone.code(), Code::NotFound);
+    let kept = world
+        .client
+        .get_message(as_user(
+            &alice,
+            GetMessageRequest {
+                message_id: third.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.message.unwrap().content, "message 2");
+
+    let cleared = world
+        .client
+        .clear_session(as_user(
+            &bob,
+            ClearSessionRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.cleared_through_seq, 5);
+    assert!(world.all_pages(&bob, &chat, false).await.is_empty());
+    assert!(world.all_pages(&bob, &chat, true).await.is_empty());
+    world.chat(&alice, &chat, 5, 2).await;
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![6, 7]);
+    assert_eq!(world.all_pages(&alice, &chat, false).await.len(), 7);
+}
