@@ -114,7 +114,10 @@ async fn main() -> anyhow::Result<()> {
     let (elapsed, extra) = match args.mode {
         Mode::Writer => run_writer(&args, &tag, &rows, &content).await?,
         Mode::Redis => (sink_redis(&args, &rows).await?, String::new()),
-        Mode::Mongo => (sink_mongo(&args, &tag, &rows, &content).await?, String::new()),
+        Mode::Mongo => (
+            sink_mongo(&args, &tag, &rows, &content).await?,
+            String::new(),
+        ),
         Mode::Postgres => (sink_postgres(&args, &rows, &content).await?, String::new()),
     };
     let rate = rows.len() as f64 / elapsed.as_secs_f64();
@@ -173,10 +176,7 @@ async fn run_writer(
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
         .collect();
-    for result in admin
-        .create_topics(&specs, &AdminOptions::new())
-        .await?
-    {
+    for result in admin.create_topics(&specs, &AdminOptions::new()).await? {
         result.map_err(|(topic, code)| anyhow::anyhow!("create {topic}: {code}"))?;
     }
     let producer: FutureProducer = ClientConfig::new()
@@ -230,7 +230,10 @@ async fn run_writer(
     let producing = args
         .rate
         .map(|rate| tokio::spawn(produce_all(payloads, Some(rate))));
-    let sender = rows.first().map(|row| row.sender.clone()).unwrap_or_default();
+    let sender = rows
+        .first()
+        .map(|row| row.sender.clone())
+        .unwrap_or_default();
     let count = || {
         let postgres = postgres.clone();
         let sender = sender.clone();
@@ -391,11 +394,11 @@ async fn sink_postgres(args: &Args, rows: &[Row], content: &str) -> anyhow::Resu
             ));
         }
         let mut copy = connection
-            .copy_in_raw(
-                &format!("COPY {table} (message_id, session_id, seq, sender_id, client_msg_id, \
+            .copy_in_raw(&format!(
+                "COPY {table} (message_id, session_id, seq, sender_id, client_msg_id, \
                  message_type, content, created_at, burn_after_seconds, recalled_at, recalled_by) \
-                 FROM STDIN"),
-            )
+                 FROM STDIN"
+            ))
             .await?;
         copy.send(text.into_bytes()).await?;
         copy.finish().await?;
