@@ -38,6 +38,9 @@ pub struct Config {
     /// How long after sending a sender may recall a message, in seconds.
     #[arg(long, env = "CHATIFY_RECALL_WINDOW_SECONDS", default_value_t = 120)]
     pub recall_window_seconds: u64,
+    /// Most members a group may have, owner included.
+    #[arg(long, env = "CHATIFY_GROUP_MEMBERS_MAX", default_value_t = 2000)]
+    pub group_members_max: usize,
 }
 
 impl Config {
@@ -60,6 +63,12 @@ impl Config {
             return Err(ConfigError::new(
                 "CHATIFY_INTERNAL_TOKEN",
                 format!("must be at least {JWT_SECRET_BYTES_MIN} bytes"),
+            ));
+        }
+        if self.group_members_max < 2 {
+            return Err(ConfigError::new(
+                "CHATIFY_GROUP_MEMBERS_MAX",
+                "must be at least 2",
             ));
         }
         if self.grpc_addr == self.admin_addr {

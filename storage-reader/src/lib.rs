@@ -1,11 +1,28 @@
 //! storage-reader: the tonic gRPC service for history queries, get, delete, recall,
 //! mark-read, clear, session lists and group management (SPEC §5). This crate owns the
 //! service: caller identity ([`identity`]), the store reads and per-user writes
-//! ([`store`]), the RPCs ([`service`]) and the one error-to-status mapping ([`error`]), plus
+//! ([`store`]), the RPCs ([`service`], [`group`]) and the one error-to-status mapping ([`error`]), plus
 //! gRPC reflection and the standard health service.
+
+/// One RPC: authenticate the caller, run the body for them, map errors to statuses.
+macro_rules! rpc {
+    ($self:ident, $request:ident, $body:ident) => {{
+        let caller = $self
+            .gatekeeper
+            .caller($request.metadata())
+            .await
+            .map_err(tonic::Status::from)?;
+        $self
+            .$body(&caller, $request.into_inner())
+            .await
+            .map(tonic::Response::new)
+            .map_err(tonic::Status::from)
+    }};
+}
 
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod identity;
 pub mod service;
 pub mod store;

@@ -1,5 +1,6 @@
 use anyhow::Context as _;
 use chatify_core::stores::Stores;
+use chatify_proto::storage::v1::group_service_server::GroupServiceServer;
 use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
 use storage_reader::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +39,13 @@ async fn main() -> anyhow::Result<()> {
             redis.clone(),
         ),
         postgres: stores.postgres.clone(),
+        redis: redis.clone(),
+    };
+    let groups = storage_reader::group::Groups {
+        gatekeeper: storage.gatekeeper.clone(),
+        postgres: stores.postgres.clone(),
         redis,
+        members_max: config.group_members_max,
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -50,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(StorageServiceServer::new(storage))
+            .add_service(GroupServiceServer::new(groups))
             .add_service(storage_reader::reflection_service()?)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),

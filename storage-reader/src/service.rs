@@ -62,10 +62,6 @@ fn cursor_arg(cursor: &str) -> Result<Option<u64>, ReaderError> {
 }
 
 impl Storage {
-    async fn caller<T>(&self, request: &Request<T>) -> Result<String, ReaderError> {
-        self.gatekeeper.caller(request.metadata()).await
-    }
-
     async fn query(
         &self,
         caller: &str,
@@ -271,46 +267,37 @@ impl Storage {
     }
 }
 
-/// Runs one call: authenticate, then the body; errors become statuses.
-macro_rules! call {
-    ($self:ident, $request:ident, $body:ident) => {{
-        let caller = $self.caller(&$request).await.map_err(Status::from)?;
-        $self
-            .$body(&caller, $request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
-    }};
-}
-
 #[tonic::async_trait]
 impl StorageService for Storage {
     async fn query_messages(
         &self,
         request: Request<QueryMessagesRequest>,
     ) -> Result<Response<QueryMessagesResponse>, Status> {
-        call!(self, request, query)
+        rpc!(self, request, query)
     }
 
     async fn get_message(
         &self,
         request: Request<GetMessageRequest>,
     ) -> Result<Response<GetMessageResponse>, Status> {
-        call!(self, request, get)
+        rpc!(self, request, get)
     }
 
     async fn delete_message(
         &self,
         request: Request<DeleteMessageRequest>,
     ) -> Result<Response<DeleteMessageResponse>, Status> {
-        call!(self, request, delete)
+        rpc!(self, request, delete)
     }
 
     async fn recall_message(
         &self,
         request: Request<RecallMessageRequest>,
     ) -> Result<Response<RecallMessageResponse>, Status> {
-        self.caller(&request).await.map_err(Status::from)?;
+        self.gatekeeper
+            .caller(request.metadata())
+            .await
+            .map_err(Status::from)?;
         Err(Status::unimplemented(
             "RecallMessage is not built yet (issue 5, next step)",
         ))
@@ -320,21 +307,24 @@ impl StorageService for Storage {
         &self,
         request: Request<ClearSessionRequest>,
     ) -> Result<Response<ClearSessionResponse>, Status> {
-        call!(self, request, clear)
+        rpc!(self, request, clear)
     }
 
     async fn mark_message_read(
         &self,
         request: Request<MarkMessageReadRequest>,
     ) -> Result<Response<MarkMessageReadResponse>, Status> {
-        call!(self, request, mark_read)
+        rpc!(self, request, mark_read)
     }
 
     async fn list_sessions(
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        self.caller(&request).await.map_err(Status::from)?;
+        self.gatekeeper
+            .caller(request.metadata())
+            .await
+            .map_err(Status::from)?;
         Err(Status::unimplemented(
             "ListSessions is not built yet (issue 5, next step)",
         ))
@@ -344,7 +334,7 @@ impl StorageService for Storage {
         &self,
         request: Request<GetUnreadCountRequest>,
     ) -> Result<Response<GetUnreadCountResponse>, Status> {
-        call!(self, request, unread)
+        rpc!(self, request, unread)
     }
 }
 

@@ -13,8 +13,13 @@ use chatify_e2e::{service_env, unique_name};
 use chatify_proto::Message as _;
 use chatify_proto::bus::v1::{UpstreamCommand, upstream_command};
 use chatify_proto::client::v1::{self as client, MessageType};
+use chatify_proto::storage::v1::group_service_client::GroupServiceClient;
+use chatify_proto::storage::v1::group_service_server::GroupServiceServer;
 use chatify_proto::storage::v1::storage_service_client::StorageServiceClient;
 use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
+use chatify_proto::storage::v1::{
+    AddMembersRequest, CreateGroupRequest, ListMembersRequest, RemoveMembersRequest, Role,
+};
 use chatify_proto::storage::v1::{
     ClearSessionRequest, DeleteMessageRequest, Direction, GetMessageRequest, GetUnreadCountRequest,
     MarkMessageReadRequest, QueryMessagesRequest, SeqRange, query_messages_request,
@@ -23,6 +28,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use storage_reader::group::Groups;
 use storage_reader::identity::{Gatekeeper, INTERNAL_TOKEN_HEADER, INTERNAL_USER_HEADER};
 use storage_reader::service::Storage;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +38,12 @@ use tonic::{Code, Request};
 const SECRET: &str = "reader-test-secret-that-is-long-enough-0123";
 const INTERNAL: &str = "reader-internal-token-that-is-long-enough-0123";
 const WAIT: Duration = Duration::from_secs(60);
+/// Group size limit of the test service.
+const GROUP_MAX: usize = 6;
 
 struct World {
     client: StorageServiceClient<Channel>,
+    groups: GroupServiceClient<Channel>,
     postgres: sqlx::PgPool,
     redis: redis::aio::MultiplexedConnection,
     tag: String,
@@ -131,18 +140,29 @@ impl World {
                 redis_manager.clone(),
             ),
             postgres: stores.postgres.clone(),
+            redis: redis_manager.clone(),
+        };
+        let groups = Groups {
+            gatekeeper: storage.gatekeeper.clone(),
+            postgres: stores.postgres.clone(),
             redis: redis_manager,
+            members_max: GROUP_MAX,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(StorageServiceServer::new(storage))
+                .add_service(GroupServiceServer::new(groups))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
-        let client = StorageServiceClient::connect(format!("http://{addr}"))
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
             .await
             .unwrap();
+        let client = StorageServiceClient::new(channel.clone());
+        let groups = GroupServiceClient::new(channel);
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &kafka)
             .create()
@@ -154,6 +174,7 @@ impl World {
             .unwrap();
         Self {
             client,
+            groups,
             postgres: stores.postgres,
             redis,
             tag: prefix.replace('-', ""),
@@ -167,9 +188,43 @@ impl World {
         format!("{name}{}", self.tag)
     }
 
-    /// Sends messages `first..first + count` from `from` (the session's only sender)
-    /// through the writer and waits until they are stored and cached.
+    /// Sends messages `first..first + count` from `from` through the writer and waits until
+    /// the writer has stored and cached them (its Redis step, after Postgres and Mongo and
+    /// before the acks: what a client could have been told about).
     async fn chat(&self, from: &str, session: &SessionId, first: usize, count: usize) {
+        let (_, before) = self.last_seq(session).await;
+        self.send_range(from, session, first, count).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.last_seq(session).await.1 >= before + count as u64 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "writer did not store"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Produces one send numbered `index` without waiting (it may be refused).
+    async fn send_only(&self, from: &str, session: &SessionId, index: usize) {
+        self.send_range(from, session, index, 1).await;
+    }
+
+    /// (session, last seq the writer cached) of a session.
+    async fn last_seq(&self, session: &SessionId) -> (String, u64) {
+        let mut redis = self.redis.clone();
+        let last: Option<u64> = redis::cmd("HGET")
+            .arg(keys::session_state(session))
+            .arg("last_seq")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        (session.to_string(), last.unwrap_or(0))
+    }
+
+    async fn send_range(&self, from: &str, session: &SessionId, first: usize, count: usize) {
         let (producer, topic) = (&self.producer, &self.upstream);
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -187,7 +242,7 @@ impl World {
                 command: Some(upstream_command::Command::Send(client::Send {
                     client_msg_id: format!("{from}-{i}"),
                     receiver_id: session.peer_of(from).map(str::to_owned),
-                    session_id: None,
+                    session_id: session.is_group().then(|| session.to_string()),
                     message_type: MessageType::Text as i32,
                     content: format!("message {i}"),
                     burn_after_seconds: None,
@@ -204,26 +259,6 @@ impl World {
                 .await
                 .map_err(|(error, _)| error)
                 .unwrap();
-        }
-        // Done when the writer has finished the batch's Redis step (after Postgres and
-        // Mongo, before the acks): what a client could have been told about.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut redis = self.redis.clone();
-        loop {
-            let last: Option<u64> = redis::cmd("HGET")
-                .arg(keys::session_state(session))
-                .arg("last_seq")
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            if last.unwrap_or(0) as usize >= first + count {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "writer did not store"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -608,4 +643,178 @@ async fn delete_for_me_and_clear_hide_only_for_the_caller() {
     world.chat(&alice, &chat, 5, 2).await;
     assert_eq!(world.all_pages(&bob, &chat, false).await, vec![6, 7]);
     assert_eq!(world.all_pages(&alice, &chat, false).await.len(), 7);
+}
+
+#[tokio::test]
+async fn groups_have_roles_a_size_limit_and_the_writer_sees_changes() {
+    let mut world = World::start().await;
+    let owner = world.user("owner");
+    let (ann, ben, cat, dan, eve) = (
+        world.user("ann"),
+        world.user("ben"),
+        world.user("cat"),
+        world.user("dan"),
+        world.user("eve"),
+    );
+    let created = world
+        .groups
+        .create_group(as_user(
+            &owner,
+            CreateGroupRequest {
+                name: "team".into(),
+                member_ids: vec![ann.clone(), ben.clone(), ann.clone(), owner.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let group = SessionId::parse(&created.session_id).unwrap();
+    assert!(group.is_group());
+    let add = |user: &str, members: Vec<String>, role: Role| {
+        let mut groups = world.groups.clone();
+        let request = as_user(
+            user,
+            AddMembersRequest {
+                session_id: group.to_string(),
+                member_ids: members,
+                role: role as i32,
+                ..Default::default()
+            },
+        );
+        async move {
+            groups
+                .add_members(request)
+                .await
+                .map(|r| r.into_inner().added)
+        }
+    };
+    let remove = |user: &str, members: Vec<String>| {
+        let mut groups = world.groups.clone();
+        let request = as_user(
+            user,
+            RemoveMembersRequest {
+                session_id: group.to_string(),
+                member_ids: members,
+                ..Default::default()
+            },
+        );
+        async move {
+            groups
+                .remove_members(request)
+                .await
+                .map(|r| r.into_inner().removed)
+        }
+    };
+    // Plain members cannot add; only the owner makes admins; admins add members.
+    let code = |result: Result<u32, tonic::Status>| result.expect_err("refused").code();
+    assert_eq!(
+        code(add(&ann, vec![cat.clone()], Role::Member).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        add(&owner, vec![ann.clone()], Role::Admin).await.unwrap(),
+        0,
+        "already in"
+    );
+    assert_eq!(
+        add(&owner, vec![cat.clone()], Role::Admin).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        code(add(&cat, vec![dan.clone()], Role::Admin).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(add(&cat, vec![dan.clone()], Role::Member).await.unwrap(), 1);
+    // 5 members now; the limit is 6: two more is refused and adds nothing.
+    assert_eq!(
+        code(add(&owner, vec![eve.clone(), world.user("fay")], Role::Member).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(add(&owner, vec![eve.clone()], Role::Owner).await),
+        Code::InvalidArgument
+    );
+    let listed = world
+        .groups
+        .clone()
+        .list_members(as_user(
+            &ben,
+            ListMembersRequest {
+                session_id: group.to_string(),
+                limit: 3,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.members.len(), 3);
+    let rest = world
+        .groups
+        .clone()
+        .list_members(as_user(
+            &ben,
+            ListMembersRequest {
+                session_id: group.to_string(),
+                limit: 3,
+                cursor: listed.next_cursor.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.members.len(), 2);
+    assert!(rest.next_cursor.is_empty());
+    let everyone: Vec<(String, i32)> = listed
+        .members
+        .iter()
+        .chain(&rest.members)
+        .map(|member| (member.user_id.clone(), member.role))
+        .collect();
+    assert!(everyone.contains(&(owner.clone(), Role::Owner as i32)));
+    assert!(everyone.contains(&(cat.clone(), Role::Admin as i32)));
+    assert!(everyone.contains(&(dan.clone(), Role::Member as i32)));
+
+    // Members talk through the writer; removal takes effect for the next message.
+    world.chat(&ben, &group, 0, 1).await;
+    assert_eq!(
+        code(remove(&ben, vec![cat.clone()]).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(remove(&cat, vec![owner.clone()]).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(remove(&cat, vec![ben.clone()]).await.unwrap(), 1);
+    assert_eq!(
+        remove(&dan, vec![dan.clone()]).await.unwrap(),
+        1,
+        "a member may leave"
+    );
+    let refused = world
+        .client
+        .query_messages(as_user(
+            &ben,
+            QueryMessagesRequest {
+                session_id: group.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("ben was removed");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    // Ben's next send is refused by the writer (its members cache was dropped), the
+    // owner's is stored after it.
+    world.send_only(&ben, &group, 1).await;
+    world.chat(&owner, &group, 0, 1).await;
+    let (from_ben,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM messages WHERE session_id = $1 AND sender_id = $2")
+            .bind(group.to_string())
+            .bind(&ben)
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    assert_eq!(from_ben, 1, "only the message sent while a member");
 }
