@@ -36,6 +36,15 @@ impl From<redis::RedisError> for ReaderError {
     }
 }
 
+impl From<redis::ParsingError> for ReaderError {
+    fn from(error: redis::ParsingError) -> Self {
+        Self::Unavailable {
+            store: "redis",
+            reason: format!("unexpected reply: {error}"),
+        }
+    }
+}
+
 impl From<ReaderError> for tonic::Status {
     fn from(error: ReaderError) -> Self {
         let message = error.to_string();

@@ -9,7 +9,7 @@ use chatify_proto::storage::v1::{
     Direction, GetMessageRequest, GetMessageResponse, GetUnreadCountRequest,
     GetUnreadCountResponse, ListSessionsRequest, ListSessionsResponse, MarkMessageReadRequest,
     MarkMessageReadResponse, QueryMessagesRequest, QueryMessagesResponse, RecallMessageRequest,
-    RecallMessageResponse, query_messages_request,
+    RecallMessageResponse, SessionSummary, query_messages_request,
 };
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -247,6 +247,53 @@ impl Storage {
         Ok(MarkMessageReadResponse { read_seq })
     }
 
+    async fn sessions(
+        &self,
+        caller: &str,
+        request: ListSessionsRequest,
+    ) -> Result<ListSessionsResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let limit = limit_arg(request.limit)?;
+        let cursor = if request.cursor.is_empty() {
+            None
+        } else {
+            let parsed = request
+                .cursor
+                .split_once(':')
+                .and_then(|(ms, session)| Some((ms.parse::<i64>().ok()?, session.to_owned())));
+            Some(parsed.ok_or_else(|| {
+                ReaderError::InvalidArgument(format!(
+                    "cursor {:?} is not one this service gave",
+                    request.cursor
+                ))
+            })?)
+        };
+        let mut redis = self.redis.clone();
+        let (entries, has_more) =
+            store::session_page(&self.postgres, &mut redis, caller, cursor, limit).await?;
+        let next_cursor = match (has_more, entries.last()) {
+            (true, Some(last)) => format!("{}:{}", last.updated_at_ms, last.session_id),
+            _ => String::new(),
+        };
+        let sessions = entries
+            .into_iter()
+            .map(|entry| SessionSummary {
+                unread_count: entry
+                    .last_seq
+                    .saturating_sub(entry.read_seq.max(entry.cleared_seq)),
+                session_id: entry.session_id,
+                last_message: entry.last_message,
+                last_seq: entry.last_seq,
+                read_seq: entry.read_seq,
+                updated_at_ms: entry.updated_at_ms,
+            })
+            .collect();
+        Ok(ListSessionsResponse {
+            sessions,
+            next_cursor,
+        })
+    }
+
     async fn unread(
         &self,
         caller: &str,
@@ -321,13 +368,7 @@ impl StorageService for Storage {
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        self.gatekeeper
-            .caller(request.metadata())
-            .await
-            .map_err(Status::from)?;
-        Err(Status::unimplemented(
-            "ListSessions is not built yet (issue 5, next step)",
-        ))
+        rpc!(self, request, sessions)
     }
 
     async fn get_unread_count(

@@ -359,3 +359,145 @@ impl ArchiveRow {
         }
     }
 }
+
+/// One entry of a user's session list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionEntry {
+    pub session_id: String,
+    pub updated_at_ms: i64,
+    pub last_seq: u64,
+    pub last_message: Option<ChatMessage>,
+    pub read_seq: u64,
+    pub cleared_seq: u64,
+}
+
+/// A page of `user`'s sessions, newest activity first, after `cursor` (`ms:session_id` of
+/// the previous page's last entry): one Redis round trip for the list, one for the states,
+/// one Postgres query for the read and clear marks. If Redis has lost the list it is rebuilt
+/// from Postgres first.
+pub async fn session_page(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+    cursor: Option<(i64, String)>,
+    limit: usize,
+) -> Result<(Vec<SessionEntry>, bool), ReaderError> {
+    let list = keys::user_sessions(user);
+    let exists: bool = redis::cmd("EXISTS").arg(&list).query_async(redis).await?;
+    if !exists {
+        rebuild_session_list(postgres, redis, user).await?;
+    }
+    // Entries with the cursor's score sort by member in reverse; fetch a little extra to
+    // step over them.
+    const TIES: usize = 64;
+    let upper = cursor
+        .as_ref()
+        .map(|(ms, _)| ms.to_string())
+        .unwrap_or_else(|| "+inf".to_owned());
+    let fetched: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+        .arg(&list)
+        .arg(&upper)
+        .arg("-inf")
+        .arg("WITHSCORES")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit + 1 + TIES)
+        .query_async(redis)
+        .await?;
+    let mut page: Vec<(String, i64)> = fetched
+        .into_iter()
+        .map(|(session, score)| (session, score as i64))
+        .filter(|(session, ms)| match &cursor {
+            Some((at, after)) => *ms < *at || (*ms == *at && session < after),
+            None => true,
+        })
+        .take(limit + 1)
+        .collect();
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    if page.is_empty() {
+        return Ok((Vec::new(), false));
+    }
+    let mut pipe = redis::pipe();
+    let mut cursor_fields = redis::cmd("HMGET");
+    cursor_fields.arg(keys::user_cursors(user));
+    for (session_id, _) in &page {
+        let session = SessionId::parse(session_id)
+            .map_err(|error| ReaderError::InvalidArgument(error.to_string()))?;
+        pipe.cmd("HMGET")
+            .arg(keys::session_state(&session))
+            .arg("last_seq")
+            .arg("last_message");
+        cursor_fields.arg(session_id);
+    }
+    pipe.add_command(cursor_fields);
+    let mut replies: Vec<redis::Value> = pipe.query_async(redis).await?;
+    let cursors: Vec<Option<u64>> = match replies.pop() {
+        Some(value) => redis::from_redis_value(value)?,
+        None => Vec::new(),
+    };
+    let ids: Vec<&str> = page.iter().map(|(session, _)| session.as_str()).collect();
+    let marks: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT session_id, read_seq, cleared_seq FROM user_session_state \
+         WHERE user_id = $1 AND session_id = ANY($2)",
+    )
+    .bind(user)
+    .bind(&ids)
+    .fetch_all(postgres)
+    .await?;
+    let marks: std::collections::HashMap<String, (u64, u64)> = marks
+        .into_iter()
+        .map(|(session, read, cleared)| (session, (read as u64, cleared as u64)))
+        .collect();
+    let mut entries = Vec::with_capacity(page.len());
+    for (((session_id, updated_at_ms), state), cursor) in page.into_iter().zip(replies).zip(cursors)
+    {
+        let (last_seq, last_message): (Option<u64>, Option<Vec<u8>>) =
+            redis::from_redis_value(state)?;
+        let (read_seq, cleared_seq) = marks.get(&session_id).copied().unwrap_or_default();
+        let last_message = last_message
+            .and_then(|bytes| ChatMessage::decode(bytes.as_slice()).ok())
+            .filter(|message| message.seq > cleared_seq);
+        entries.push(SessionEntry {
+            session_id,
+            updated_at_ms,
+            last_seq: last_seq.unwrap_or(0),
+            last_message,
+            read_seq: read_seq.max(cursor.unwrap_or(0)),
+            cleared_seq,
+        });
+    }
+    Ok((entries, has_more))
+}
+
+/// Rebuilds a user's session list from Postgres (Redis lost it): every session the user is
+/// a member of, scored by its last message time (or when the user joined).
+async fn rebuild_session_list(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+) -> Result<(), ReaderError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sm.session_id, (extract(epoch FROM coalesce(last.created_at, sm.joined_at)) \
+                * 1000)::int8 \
+         FROM session_members sm \
+         LEFT JOIN LATERAL (SELECT created_at FROM messages m \
+                            WHERE m.session_id = sm.session_id \
+                            ORDER BY m.seq DESC LIMIT 1) last ON true \
+         WHERE sm.user_id = $1",
+    )
+    .bind(user)
+    .fetch_all(postgres)
+    .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut add = redis::cmd("ZADD");
+    add.arg(keys::user_sessions(user)).arg("GT");
+    for (session, ms) in &rows {
+        add.arg(*ms).arg(session);
+    }
+    add.exec_async(redis).await?;
+    metrics::counter!("chatify_reader_session_list_rebuilds_total").increment(1);
+    Ok(())
+}

@@ -818,3 +818,94 @@ async fn groups_have_roles_a_size_limit_and_the_writer_sees_changes() {
             .unwrap();
     assert_eq!(from_ben, 1, "only the message sent while a member");
 }
+
+#[tokio::test]
+async fn session_lists_page_newest_first_with_unread_counts_and_survive_redis_loss() {
+    let world = World::start().await;
+    let hub = world.user("hub");
+    let peers: Vec<String> = (0..12).map(|i| world.user(&format!("p{i:02}"))).collect();
+    for (i, peer) in peers.iter().enumerate() {
+        let chat = SessionId::single(&hub, peer).unwrap();
+        world.chat(peer, &chat, 0, i % 3 + 1).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let read_chat = SessionId::single(&hub, &peers[11]).unwrap();
+    world
+        .client
+        .clone()
+        .mark_message_read(as_user(
+            &hub,
+            MarkMessageReadRequest {
+                session_id: read_chat.to_string(),
+                seq: 2,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let list_all = || {
+        let mut client = world.client.clone();
+        let hub = hub.clone();
+        async move {
+            let mut all = Vec::new();
+            let mut cursor = String::new();
+            loop {
+                let page = client
+                    .list_sessions(as_user(
+                        &hub,
+                        chatify_proto::storage::v1::ListSessionsRequest {
+                            limit: 5,
+                            cursor: cursor.clone(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(page.sessions.len() <= 5);
+                all.extend(page.sessions);
+                if page.next_cursor.is_empty() {
+                    return all;
+                }
+                cursor = page.next_cursor;
+            }
+        }
+    };
+    let listed = list_all().await;
+    let expected: Vec<String> = peers
+        .iter()
+        .rev()
+        .map(|peer| SessionId::single(&hub, peer).unwrap().to_string())
+        .collect();
+    let ids: Vec<String> = listed.iter().map(|s| s.session_id.clone()).collect();
+    assert_eq!(ids, expected, "newest activity first, each once");
+    for summary in &listed {
+        let peer_index = peers
+            .iter()
+            .position(|peer| summary.session_id.contains(peer.as_str()))
+            .unwrap();
+        let sent = (peer_index % 3 + 1) as u64;
+        assert_eq!(summary.last_seq, sent);
+        let expected_unread = if peer_index == 11 { sent - 2 } else { sent };
+        assert_eq!(
+            summary.unread_count, expected_unread,
+            "{}",
+            summary.session_id
+        );
+        let last = summary.last_message.as_ref().unwrap();
+        assert_eq!(last.content, format!("message {}", sent - 1));
+    }
+    // Redis loses the list: it is rebuilt from Postgres, same sessions in the same order.
+    let mut redis = world.redis.clone();
+    redis::cmd("DEL")
+        .arg(keys::user_sessions(&hub))
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    let rebuilt: Vec<String> = list_all()
+        .await
+        .into_iter()
+        .map(|summary| summary.session_id)
+        .collect();
+    assert_eq!(rebuilt, expected);
+}
