@@ -1,7 +1,7 @@
 //! storage-reader: the tonic gRPC service for history queries, get, delete, recall,
 //! mark-read, clear, session lists and group management (SPEC §5). This crate owns the
 //! service: caller identity ([`identity`]), the store reads and per-user writes
-//! ([`store`]), the RPCs ([`service`], [`group`]) and the one error-to-status mapping ([`error`]), plus
+//! ([`store`]), the RPCs ([`service`], [`group`]), the pushes and events they publish ([`notify`]) and the one error-to-status mapping ([`error`]), plus
 //! gRPC reflection and the standard health service.
 
 /// One RPC: authenticate the caller, run the body for them, map errors to statuses.
@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod group;
 pub mod identity;
+pub mod notify;
 pub mod service;
 pub mod store;
 

@@ -40,6 +40,18 @@ async fn main() -> anyhow::Result<()> {
         ),
         postgres: stores.postgres.clone(),
         redis: redis.clone(),
+        mongo: stores.mongo.collection("messages"),
+        notifier: storage_reader::notify::Notifier {
+            producer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+                .set("client.id", "storage-reader")
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .create()
+                .context("kafka producer config")?,
+            topics: config.kafka.topics(),
+        },
+        recall_window_ms: (config.recall_window_seconds * 1000) as i64,
     };
     let groups = storage_reader::group::Groups {
         gatekeeper: storage.gatekeeper.clone(),

@@ -3,6 +3,8 @@
 //! through [`crate::store`]; errors map to status codes in one place ([`crate::error`]).
 
 use chatify_core::ids::{MessageId, SessionId};
+use chatify_proto::bus::v1::message_event;
+use chatify_proto::client::v1::{ReadReceipt, Recalled, ServerFrame, server_frame};
 use chatify_proto::storage::v1::storage_service_server::StorageService;
 use chatify_proto::storage::v1::{
     ClearSessionRequest, ClearSessionResponse, DeleteMessageRequest, DeleteMessageResponse,
@@ -17,19 +19,31 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ReaderError;
 use crate::identity::{Gatekeeper, check_user_field};
+use crate::notify::{self, Notifier};
 use crate::store::{self, SeqPage};
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
+}
 
 /// Page size when a query names none.
 pub const QUERY_LIMIT_DEFAULT: usize = 50;
 /// Largest page a query may ask for.
 pub const QUERY_LIMIT_MAX: usize = 200;
 
-/// The service: store clients and the gatekeeper.
+/// The service: store clients, the gatekeeper and the notifier.
 #[derive(Debug, Clone)]
 pub struct Storage {
     pub gatekeeper: Gatekeeper,
     pub postgres: PgPool,
     pub redis: ConnectionManager,
+    pub mongo: mongodb::Collection<mongodb::bson::Document>,
+    pub notifier: Notifier,
+    /// How long after sending a sender may recall, in ms.
+    pub recall_window_ms: i64,
 }
 
 fn session_arg(text: &str) -> Result<SessionId, ReaderError> {
@@ -242,9 +256,100 @@ impl Storage {
                 request.seq
             )));
         }
+        let before = store::user_state(&self.postgres, &mut redis, caller, &session)
+            .await?
+            .read_seq;
         let read_seq =
             store::mark_read(&self.postgres, &mut redis, caller, &session, request.seq).await?;
+        if read_seq > before {
+            // A receipt to the other members (and the reader's other devices).
+            let members = notify::members(&self.postgres, &session).await?;
+            let users: Vec<&str> = members.iter().map(String::as_str).collect();
+            let frame = ServerFrame {
+                frame: Some(server_frame::Frame::ReadReceipt(ReadReceipt {
+                    session_id: session.to_string(),
+                    user_id: caller.to_owned(),
+                    seq: read_seq,
+                })),
+            };
+            let event = notify::event(message_event::Kind::Read, &session, caller, "", read_seq);
+            self.notifier
+                .publish(&mut redis, &session, &users, frame, event)
+                .await?;
+        }
         Ok(MarkMessageReadResponse { read_seq })
+    }
+
+    async fn recall(
+        &self,
+        caller: &str,
+        request: RecallMessageRequest,
+    ) -> Result<RecallMessageResponse, ReaderError> {
+        check_user_field(caller, &request.user_id)?;
+        let message_id = message_id_arg(&request.message_id)?;
+        let target = store::recall_target(&self.postgres, message_id.as_uuid())
+            .await?
+            .ok_or_else(|| {
+                ReaderError::NotFound(format!("message {} does not exist", request.message_id))
+            })?;
+        let session = session_arg(&target.session_id)?;
+        store::require_member(&self.postgres, &session, caller).await?;
+        if !target.recalled {
+            let moderator = session.is_group()
+                && matches!(
+                    store::group_role(&self.postgres, &session, caller)
+                        .await?
+                        .as_deref(),
+                    Some("owner" | "admin")
+                );
+            let now_ms = chrono_now_ms();
+            if !moderator {
+                if target.sender_id != caller {
+                    return Err(ReaderError::PermissionDenied(
+                        "only the sender, or a group's owner or admins, may recall".into(),
+                    ));
+                }
+                if now_ms - target.created_ms > self.recall_window_ms {
+                    return Err(ReaderError::FailedPrecondition(format!(
+                        "the recall window of {} s has passed",
+                        self.recall_window_ms / 1000
+                    )));
+                }
+            }
+        }
+        let mut redis = self.redis.clone();
+        store::tombstone(
+            &self.postgres,
+            &self.mongo,
+            &mut redis,
+            message_id.as_uuid(),
+            caller,
+        )
+        .await?;
+        // Announced on every call, so a retry after a failed publish still reaches clients.
+        let members = notify::members(&self.postgres, &session).await?;
+        let users: Vec<&str> = members.iter().map(String::as_str).collect();
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::Recalled(Recalled {
+                session_id: session.to_string(),
+                message_id: message_id.to_string(),
+                seq: target.seq,
+            })),
+        };
+        let event = notify::event(
+            message_event::Kind::Recalled,
+            &session,
+            caller,
+            &message_id.to_string(),
+            target.seq,
+        );
+        self.notifier
+            .publish(&mut redis, &session, &users, frame, event)
+            .await?;
+        Ok(RecallMessageResponse {
+            session_id: session.to_string(),
+            seq: target.seq,
+        })
     }
 
     async fn sessions(
@@ -341,13 +446,7 @@ impl StorageService for Storage {
         &self,
         request: Request<RecallMessageRequest>,
     ) -> Result<Response<RecallMessageResponse>, Status> {
-        self.gatekeeper
-            .caller(request.metadata())
-            .await
-            .map_err(Status::from)?;
-        Err(Status::unimplemented(
-            "RecallMessage is not built yet (issue 5, next step)",
-        ))
+        rpc!(self, request, recall)
     }
 
     async fn clear_session(

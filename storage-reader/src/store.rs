@@ -501,3 +501,110 @@ async fn rebuild_session_list(
     metrics::counter!("chatify_reader_session_list_rebuilds_total").increment(1);
     Ok(())
 }
+
+/// What a recall needs to know about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecallTarget {
+    pub session_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    pub created_ms: i64,
+    pub recalled: bool,
+}
+
+pub async fn recall_target(
+    postgres: &PgPool,
+    message_id: uuid::Uuid,
+) -> Result<Option<RecallTarget>, ReaderError> {
+    let row: Option<(String, i64, String, i64, bool)> = sqlx::query_as(
+        "SELECT session_id, seq, sender_id, (extract(epoch FROM created_at) * 1000)::int8, \
+                recalled_at IS NOT NULL FROM messages WHERE message_id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(postgres)
+    .await?;
+    Ok(row.map(
+        |(session_id, seq, sender_id, created_ms, recalled)| RecallTarget {
+            session_id,
+            seq: seq as u64,
+            sender_id,
+            created_ms,
+            recalled,
+        },
+    ))
+}
+
+/// The caller's role in a group (None: not a member).
+pub async fn group_role(
+    postgres: &PgPool,
+    session: &SessionId,
+    user: &str,
+) -> Result<Option<String>, ReaderError> {
+    let role: Option<(String,)> =
+        sqlx::query_as("SELECT role FROM session_members WHERE session_id = $1 AND user_id = $2")
+            .bind(session.to_string())
+            .bind(user)
+            .fetch_optional(postgres)
+            .await?;
+    Ok(role.map(|(role,)| role))
+}
+
+/// Turns a message into a tombstone everywhere it is kept: Postgres (content purged,
+/// recalled_at / recalled_by set), MongoDB, and the hot cache and session state when they
+/// hold it. Idempotent.
+pub async fn tombstone(
+    postgres: &PgPool,
+    mongo: &mongodb::Collection<mongodb::bson::Document>,
+    redis: &mut ConnectionManager,
+    message_id: uuid::Uuid,
+    by: &str,
+) -> Result<(), ReaderError> {
+    use mongodb::bson::doc;
+    let row: Option<ArchiveRow> = sqlx::query_as(&format!(
+        "WITH updated AS ( \
+           UPDATE messages SET recalled_at = coalesce(recalled_at, now()), \
+                  recalled_by = coalesce(recalled_by, $2), content = ''::bytea \
+           WHERE message_id = $1 RETURNING *) \
+         SELECT {} FROM updated m",
+        ARCHIVE_COLUMNS
+    ))
+    .bind(message_id)
+    .bind(by)
+    .fetch_optional(postgres)
+    .await?;
+    let Some(row) = row else {
+        return Err(ReaderError::NotFound(format!(
+            "message {message_id} does not exist"
+        )));
+    };
+    mongo
+        .update_one(
+            doc! { "_id": message_id.to_string() },
+            doc! { "$set": { "recalled": true, "content": "", "recalled_by": by } },
+        )
+        .await
+        .map_err(|error| ReaderError::Unavailable {
+            store: "mongo",
+            reason: error.to_string(),
+        })?;
+    let message = row.into_message();
+    let session = SessionId::parse(&message.session_id)
+        .map_err(|error| ReaderError::InvalidArgument(error.to_string()))?;
+    // Replace the cached entry only where one exists (the cache stays a contiguous suffix).
+    let replace = redis::Script::new(
+        "if redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[1]) > 0 then \
+           redis.call('ZREMRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1]) \
+           redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) end \
+         if redis.call('HGET', KEYS[2], 'last_seq') == ARGV[1] then \
+           redis.call('HSET', KEYS[2], 'last_message', ARGV[2]) end \
+         return 0",
+    );
+    replace
+        .key(keys::session_hot_cache(&session))
+        .key(keys::session_state(&session))
+        .arg(message.seq)
+        .arg(message.encode_to_vec())
+        .invoke_async::<i64>(redis)
+        .await?;
+    Ok(())
+}

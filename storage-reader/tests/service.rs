@@ -30,6 +30,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use storage_reader::group::Groups;
 use storage_reader::identity::{Gatekeeper, INTERNAL_TOKEN_HEADER, INTERNAL_USER_HEADER};
+use storage_reader::notify::Notifier;
 use storage_reader::service::Storage;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -50,6 +51,8 @@ struct World {
     writer_stop: CancellationToken,
     producer: FutureProducer,
     upstream: String,
+    push_topic: String,
+    mongo: mongodb::Database,
 }
 
 fn token(user: &str, jti: &str) -> String {
@@ -141,6 +144,15 @@ impl World {
             ),
             postgres: stores.postgres.clone(),
             redis: redis_manager.clone(),
+            mongo: stores.mongo.collection("messages"),
+            notifier: Notifier {
+                producer: ClientConfig::new()
+                    .set("bootstrap.servers", &kafka)
+                    .create()
+                    .unwrap(),
+                topics: topics.clone(),
+            },
+            recall_window_ms: 60_000,
         };
         let groups = Groups {
             gatekeeper: storage.gatekeeper.clone(),
@@ -181,6 +193,39 @@ impl World {
             writer_stop,
             producer,
             upstream: topics.upstream(),
+            push_topic: topics.push("gw-r"),
+            mongo: stores.mongo.clone(),
+        }
+    }
+
+    /// Push records on gw-r until `found` picks what it waits for.
+    async fn wait_push<T>(
+        &self,
+        mut found: impl FnMut(&chatify_proto::bus::v1::PushRecord) -> Option<T>,
+    ) -> T {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use rdkafka::message::Message as _;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", service_env("KAFKA_BOOTSTRAP_SERVERS"))
+            .set("group.id", unique_name("tap"))
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&self.push_topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&list).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            assert!(std::time::Instant::now() < deadline, "push never came");
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                let record = chatify_proto::bus::v1::PushRecord::decode(
+                    message.payload().unwrap_or_default(),
+                )
+                .unwrap();
+                if let Some(value) = found(&record) {
+                    return value;
+                }
+            }
         }
     }
 
@@ -908,4 +953,155 @@ async fn session_lists_page_newest_first_with_unread_counts_and_survive_redis_lo
         .map(|summary| summary.session_id)
         .collect();
     assert_eq!(rebuilt, expected);
+}
+
+async fn route(world: &World, user: &str, connection_id: u64) {
+    let mut redis = world.redis.clone();
+    redis::cmd("HSET")
+        .arg(keys::user_routes(user))
+        .arg("phone")
+        .arg(
+            chatify_core::routing::Route {
+                node_id: "gw-r".into(),
+                connection_id,
+                last_active_ms: 1,
+            }
+            .encode(),
+        )
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn recall_tombstones_everywhere_and_reads_send_receipts() {
+    use chatify_proto::client::v1::server_frame::Frame;
+    use chatify_proto::storage::v1::RecallMessageRequest;
+    let world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    route(&world, &alice, 1).await;
+    route(&world, &bob, 7).await;
+    world.chat(&alice, &chat, 0, 3).await;
+    let ids: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 ORDER BY seq")
+            .bind(chat.to_string())
+            .fetch_all(&world.postgres)
+            .await
+            .unwrap();
+    let recall = |user: &str, id: uuid::Uuid| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            user,
+            RecallMessageRequest {
+                message_id: id.to_string(),
+                ..Default::default()
+            },
+        );
+        async move { client.recall_message(request).await.map(|r| r.into_inner()) }
+    };
+    // Not the sender: refused. The sender within the window: a tombstone everywhere.
+    assert_eq!(
+        recall(&bob, ids[1].0)
+            .await
+            .expect_err("not the sender")
+            .code(),
+        Code::PermissionDenied
+    );
+    let recalled = recall(&alice, ids[1].0).await.unwrap();
+    assert_eq!(
+        (recalled.session_id.as_str(), recalled.seq),
+        (chat.to_string().as_str(), 2)
+    );
+    let (content, at): (Vec<u8>, Option<String>) =
+        sqlx::query_as("SELECT content, recalled_by FROM messages WHERE message_id = $1")
+            .bind(ids[1].0)
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    assert!(content.is_empty());
+    assert_eq!(at.as_deref(), Some(alice.as_str()));
+    let document = world
+        .mongo
+        .collection::<mongodb::bson::Document>("messages")
+        .find_one(mongodb::bson::doc! { "_id": ids[1].0.to_string() })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(document.get_bool("recalled").unwrap());
+    assert_eq!(document.get_str("content").unwrap(), "");
+    // Both read paths show the tombstone: the cache (whole range cached) and the archive.
+    for drop_cache in [false, true] {
+        if drop_cache {
+            let mut redis = world.redis.clone();
+            redis::cmd("DEL")
+                .arg(keys::session_hot_cache(&chat))
+                .exec_async(&mut redis)
+                .await
+                .unwrap();
+        }
+        let page = world
+            .client
+            .clone()
+            .query_messages(as_user(
+                &bob,
+                QueryMessagesRequest {
+                    session_id: chat.to_string(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let second = &page.messages[1];
+        assert!(second.recalled && second.content.is_empty(), "{second:?}");
+        assert_eq!(page.messages[2].content, "message 2");
+    }
+    // Both devices get `recalled`, through one record for the node.
+    let targets = world
+        .wait_push(|record| match record.frame.as_ref()?.frame.as_ref()? {
+            Frame::Recalled(recalled) if recalled.seq == 2 => Some(record.connection_ids.clone()),
+            _ => None,
+        })
+        .await;
+    let mut targets = targets;
+    targets.sort_unstable();
+    assert_eq!(targets, vec![1, 7]);
+    // Past the window the sender is refused.
+    sqlx::query(
+        "UPDATE messages SET created_at = now() - interval '10 minutes' WHERE message_id = $1",
+    )
+    .bind(ids[2].0)
+    .execute(&world.postgres)
+    .await
+    .unwrap();
+    assert_eq!(
+        recall(&alice, ids[2].0).await.expect_err("too late").code(),
+        Code::FailedPrecondition
+    );
+    // Bob reads: alice's devices (and bob's) get a receipt.
+    world
+        .client
+        .clone()
+        .mark_message_read(as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 3,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let receipt = world
+        .wait_push(|record| match record.frame.as_ref()?.frame.as_ref()? {
+            Frame::ReadReceipt(receipt) => Some((receipt.clone(), record.connection_ids.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (receipt.0.user_id.as_str(), receipt.0.seq),
+        (bob.as_str(), 3)
+    );
+    assert!(receipt.1.contains(&1));
 }

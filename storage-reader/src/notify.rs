@@ -1,0 +1,139 @@
+//! What the reader tells online clients and other services after a command: `recalled` and
+//! `read_receipt` frames pushed to the members' live connections, one push record per
+//! gateway node (as the writer publishes them), and a message event. Records are keyed by
+//! session id, so a gateway sees one session's pushes in order.
+
+use chatify_core::ids::SessionId;
+use chatify_core::routing;
+use chatify_core::topics::Topics;
+use chatify_proto::Message as _;
+use chatify_proto::bus::v1::{MessageEvent, PushRecord, message_event};
+use chatify_proto::client::v1::ServerFrame;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+
+use crate::error::ReaderError;
+
+/// How long the broker may take to acknowledge a record.
+const PRODUCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Publishes pushes and events.
+#[derive(Clone)]
+pub struct Notifier {
+    pub producer: FutureProducer,
+    pub topics: Topics,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every member of a session (the pair of a single chat, the rows of a group).
+pub async fn members(postgres: &PgPool, session: &SessionId) -> Result<Vec<String>, ReaderError> {
+    if let SessionId::Single { lo, hi } = session {
+        return Ok(vec![lo.clone(), hi.clone()]);
+    }
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT user_id FROM session_members WHERE session_id = $1")
+            .bind(session.to_string())
+            .fetch_all(postgres)
+            .await?;
+    Ok(rows.into_iter().map(|(user,)| user).collect())
+}
+
+impl Notifier {
+    /// Pushes `frame` to every live connection of `users` (one record per gateway node)
+    /// and publishes `event`; waits for the broker to have all of it.
+    pub async fn publish(
+        &self,
+        redis: &mut ConnectionManager,
+        session: &SessionId,
+        users: &[&str],
+        frame: ServerFrame,
+        event: MessageEvent,
+    ) -> Result<(), ReaderError> {
+        let by_node = routing::lookup_by_node(redis, users).await?;
+        let key = session.to_string();
+        let mut records = Vec::with_capacity(by_node.len() + 1);
+        for (node, targets) in by_node {
+            let record = PushRecord {
+                connection_ids: targets.connection_ids,
+                user_ids: Vec::new(),
+                frame: Some(frame.clone()),
+                close_code: None,
+            };
+            records.push((self.topics.push(&node), record.encode_to_vec()));
+        }
+        records.push((self.topics.message_events(), event.encode_to_vec()));
+        let sends = records.iter().map(|(topic, payload)| {
+            self.producer.send(
+                FutureRecord::to(topic).key(&key).payload(payload),
+                PRODUCE_TIMEOUT,
+            )
+        });
+        let pushes = records.len() - 1;
+        for (index, result) in futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match result {
+                Ok(_) => {}
+                // A route naming a gateway node with no topic (a stale route): that node
+                // cannot be reached; its clients catch up with `sync`.
+                Err((error, _))
+                    if index < pushes
+                        && matches!(
+                            error.rdkafka_error_code(),
+                            Some(
+                                RDKafkaErrorCode::UnknownTopicOrPartition
+                                    | RDKafkaErrorCode::UnknownTopic
+                            )
+                        ) =>
+                {
+                    tracing::warn!(topic = %records[index].0, "dropping a push to a gateway node with no topic");
+                    metrics::counter!("chatify_reader_pushes_dropped_total").increment(1);
+                }
+                Err((error, _)) => {
+                    return Err(ReaderError::Unavailable {
+                        store: "kafka",
+                        reason: error.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message event of `kind` now.
+pub fn event(
+    kind: message_event::Kind,
+    session: &SessionId,
+    operator: &str,
+    message_id: &str,
+    seq: u64,
+) -> MessageEvent {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default();
+    MessageEvent {
+        event_id: format!(
+            "{}:{session}:{operator}:{message_id}:{seq}",
+            kind.as_str_name()
+        ),
+        kind: kind as i32,
+        session_id: session.to_string(),
+        operator_id: operator.to_owned(),
+        message_id: message_id.to_owned(),
+        seq,
+        timestamp: now,
+    }
+}
