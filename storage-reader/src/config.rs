@@ -41,6 +41,9 @@ pub struct Config {
     /// Most members a group may have, owner included.
     #[arg(long, env = "CHATIFY_GROUP_MEMBERS_MAX", default_value_t = 2000)]
     pub group_members_max: usize,
+    /// How often burn-after-read messages whose timer ran out are purged, in ms.
+    #[arg(long, env = "CHATIFY_BURN_SWEEP_MS", default_value_t = 1000)]
+    pub burn_sweep_ms: u64,
 }
 
 impl Config {

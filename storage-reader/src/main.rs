@@ -59,6 +59,13 @@ async fn main() -> anyhow::Result<()> {
         redis,
         members_max: config.group_members_max,
     };
+    let sweeper = tokio::spawn(storage_reader::store::burn_sweeper(
+        storage.postgres.clone(),
+        storage.mongo.clone(),
+        storage.redis.clone(),
+        std::time::Duration::from_millis(config.burn_sweep_ms.max(1)),
+        shutdown.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<StorageServiceServer<storage_reader::service::Storage>>()
@@ -79,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
     chatify_core::telemetry::shutdown_signal().await;
     shutdown.cancel();
     grpc.await.context("grpc server task")??;
+    sweeper.await.context("burn sweeper task")?;
     admin.await.context("admin server task")??;
     tracing::info!("storage-reader stopped");
     Ok(())

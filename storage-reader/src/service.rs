@@ -262,6 +262,7 @@ impl Storage {
         let read_seq =
             store::mark_read(&self.postgres, &mut redis, caller, &session, request.seq).await?;
         if read_seq > before {
+            store::start_burn_timers(&self.postgres, &session, caller, before, read_seq).await?;
             // A receipt to the other members (and the reader's other devices).
             let members = notify::members(&self.postgres, &session).await?;
             let users: Vec<&str> = members.iter().map(String::as_str).collect();

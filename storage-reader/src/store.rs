@@ -590,7 +590,16 @@ pub async fn tombstone(
     let message = row.into_message();
     let session = SessionId::parse(&message.session_id)
         .map_err(|error| ReaderError::InvalidArgument(error.to_string()))?;
-    // Replace the cached entry only where one exists (the cache stays a contiguous suffix).
+    replace_cached(redis, &session, &message).await
+}
+
+/// Replaces a message's hot-cache entry and the session's `last_message` with `message`,
+/// only where they hold that seq (the cache stays a contiguous suffix of the session).
+pub async fn replace_cached(
+    redis: &mut ConnectionManager,
+    session: &SessionId,
+    message: &ChatMessage,
+) -> Result<(), ReaderError> {
     let replace = redis::Script::new(
         "if redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[1]) > 0 then \
            redis.call('ZREMRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1]) \
@@ -600,11 +609,110 @@ pub async fn tombstone(
          return 0",
     );
     replace
-        .key(keys::session_hot_cache(&session))
-        .key(keys::session_state(&session))
+        .key(keys::session_hot_cache(session))
+        .key(keys::session_state(session))
         .arg(message.seq)
         .arg(message.encode_to_vec())
         .invoke_async::<i64>(redis)
         .await?;
     Ok(())
+}
+
+/// Starts the burn timers of the messages a read covers: burn-after-read messages in
+/// `(after, upto]` sent by someone else, whose timer has not started.
+pub async fn start_burn_timers(
+    postgres: &PgPool,
+    session: &SessionId,
+    reader: &str,
+    after: u64,
+    upto: u64,
+) -> Result<u64, ReaderError> {
+    let started = sqlx::query(
+        "UPDATE messages SET burn_due_at = now() + make_interval(secs => burn_after_seconds) \
+         WHERE session_id = $1 AND seq > $2 AND seq <= $3 AND burn_after_seconds IS NOT NULL \
+           AND sender_id <> $4 AND burn_due_at IS NULL",
+    )
+    .bind(session.to_string())
+    .bind(after as i64)
+    .bind(upto as i64)
+    .bind(reader)
+    .execute(postgres)
+    .await?
+    .rows_affected();
+    Ok(started)
+}
+
+/// Most messages one sweep burns.
+pub const BURN_SWEEP_BATCH: i64 = 500;
+
+/// Purges the content of every message whose burn timer ran out: MongoDB and the hot cache
+/// first, then Postgres, in one Postgres transaction holding the rows, so a failure leaves
+/// them due for the next sweep. Returns how many were burned.
+pub async fn burn_due(
+    postgres: &PgPool,
+    mongo: &mongodb::Collection<mongodb::bson::Document>,
+    redis: &mut ConnectionManager,
+) -> Result<usize, ReaderError> {
+    use mongodb::bson::doc;
+    let mut transaction = postgres.begin().await?;
+    let rows: Vec<ArchiveRow> = sqlx::query_as(&format!(
+        "SELECT {ARCHIVE_COLUMNS} FROM messages m \
+         WHERE m.burn_due_at <= now() AND m.burned_at IS NULL \
+         ORDER BY m.burn_due_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(BURN_SWEEP_BATCH)
+    .fetch_all(&mut *transaction)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|row| row.message_id).collect();
+    let id_strings: Vec<String> = ids.iter().map(uuid::Uuid::to_string).collect();
+    mongo
+        .update_many(
+            doc! { "_id": { "$in": &id_strings } },
+            doc! { "$set": { "content": "", "burned": true } },
+        )
+        .await
+        .map_err(|error| ReaderError::Unavailable {
+            store: "mongo",
+            reason: error.to_string(),
+        })?;
+    for row in rows {
+        let mut message = row.into_message();
+        message.content.clear();
+        let session = SessionId::parse(&message.session_id)
+            .map_err(|error| ReaderError::InvalidArgument(error.to_string()))?;
+        replace_cached(redis, &session, &message).await?;
+    }
+    sqlx::query(
+        "UPDATE messages SET content = ''::bytea, burned_at = now() WHERE message_id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    metrics::counter!("chatify_reader_messages_burned_total").increment(ids.len() as u64);
+    Ok(ids.len())
+}
+
+/// Runs [`burn_due`] every `interval` until `shutdown`.
+pub async fn burn_sweeper(
+    postgres: PgPool,
+    mongo: mongodb::Collection<mongodb::bson::Document>,
+    mut redis: ConnectionManager,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match burn_due(&postgres, &mongo, &mut redis).await {
+            Ok(0) => {}
+            Ok(burned) => tracing::debug!(burned, "burn-after-read sweep"),
+            Err(error) => tracing::warn!(%error, "burn-after-read sweep failed; retrying"),
+        }
+    }
 }

@@ -237,8 +237,20 @@ impl World {
     /// the writer has stored and cached them (its Redis step, after Postgres and Mongo and
     /// before the acks: what a client could have been told about).
     async fn chat(&self, from: &str, session: &SessionId, first: usize, count: usize) {
+        self.chat_with(from, session, first, count, None).await;
+    }
+
+    /// [`World::chat`] with burn-after-read messages.
+    async fn chat_with(
+        &self,
+        from: &str,
+        session: &SessionId,
+        first: usize,
+        count: usize,
+        burn: Option<u32>,
+    ) {
         let (_, before) = self.last_seq(session).await;
-        self.send_range(from, session, first, count).await;
+        self.send_range(from, session, first, count, burn).await;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if self.last_seq(session).await.1 >= before + count as u64 {
@@ -254,7 +266,7 @@ impl World {
 
     /// Produces one send numbered `index` without waiting (it may be refused).
     async fn send_only(&self, from: &str, session: &SessionId, index: usize) {
-        self.send_range(from, session, index, 1).await;
+        self.send_range(from, session, index, 1, None).await;
     }
 
     /// (session, last seq the writer cached) of a session.
@@ -269,7 +281,14 @@ impl World {
         (session.to_string(), last.unwrap_or(0))
     }
 
-    async fn send_range(&self, from: &str, session: &SessionId, first: usize, count: usize) {
+    async fn send_range(
+        &self,
+        from: &str,
+        session: &SessionId,
+        first: usize,
+        count: usize,
+        burn_after_seconds: Option<u32>,
+    ) {
         let (producer, topic) = (&self.producer, &self.upstream);
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -290,7 +309,7 @@ impl World {
                     session_id: session.is_group().then(|| session.to_string()),
                     message_type: MessageType::Text as i32,
                     content: format!("message {i}"),
-                    burn_after_seconds: None,
+                    burn_after_seconds,
                     request_id: None,
                 })),
             };
@@ -1104,4 +1123,115 @@ async fn recall_tombstones_everywhere_and_reads_send_receipts() {
         (bob.as_str(), 3)
     );
     assert!(receipt.1.contains(&1));
+}
+
+#[tokio::test]
+async fn burn_after_read_purges_the_content_in_every_store() {
+    let world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat_with(&alice, &chat, 0, 2, Some(1)).await;
+    world.chat(&alice, &chat, 2, 1).await;
+    let mut redis_manager =
+        redis::aio::ConnectionManager::new(redis::Client::open(service_env("REDIS_URL")).unwrap())
+            .await
+            .unwrap();
+    let collection = world
+        .mongo
+        .collection::<mongodb::bson::Document>("messages");
+    // Alice reading her own messages starts nothing; nothing is due yet.
+    world
+        .client
+        .clone()
+        .mark_message_read(as_user(
+            &alice,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 3,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    // Bob reads the first burning message only.
+    world
+        .client
+        .clone()
+        .mark_message_read(as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let burned = storage_reader::store::burn_due(&world.postgres, &collection, &mut redis_manager)
+        .await
+        .unwrap();
+    // At least bob's first message (the sweep is global: other due rows may go too).
+    assert!(burned >= 1);
+    let rows: Vec<(i64, Vec<u8>, bool)> = sqlx::query_as(
+        "SELECT seq, content, burned_at IS NOT NULL FROM messages WHERE session_id = $1 ORDER BY seq",
+    )
+    .bind(chat.to_string())
+    .fetch_all(&world.postgres)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (1, Vec::new(), true),
+            (2, b"message 1".to_vec(), false),
+            (3, b"message 2".to_vec(), false)
+        ]
+    );
+    let documents: Vec<mongodb::bson::Document> = {
+        use futures::TryStreamExt as _;
+        collection
+            .find(mongodb::bson::doc! { "session_id": chat.to_string() })
+            .sort(mongodb::bson::doc! { "seq": 1 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let contents: Vec<&str> = documents
+        .iter()
+        .map(|document| document.get_str("content").unwrap())
+        .collect();
+    assert_eq!(contents, vec!["", "message 1", "message 2"]);
+    let page = world
+        .client
+        .clone()
+        .query_messages(as_user(
+            &alice,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let served: Vec<&str> = page.messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(
+        served,
+        vec!["", "message 1", "message 2"],
+        "the cache was purged too"
+    );
+    // Another sweep leaves the unread burning message and the plain one alone.
+    storage_reader::store::burn_due(&world.postgres, &collection, &mut redis_manager)
+        .await
+        .unwrap();
+    let (kept,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM messages WHERE session_id = $1 AND burned_at IS NULL")
+            .bind(chat.to_string())
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    assert_eq!(kept, 2);
 }
