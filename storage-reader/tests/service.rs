@@ -45,6 +45,7 @@ const GROUP_MAX: usize = 6;
 struct World {
     client: StorageServiceClient<Channel>,
     groups: GroupServiceClient<Channel>,
+    channel: Channel,
     postgres: sqlx::PgPool,
     redis: redis::aio::MultiplexedConnection,
     tag: String,
@@ -162,8 +163,12 @@ impl World {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<StorageServiceServer<Storage>>().await;
         tokio::spawn(
             tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(storage_reader::reflection_service().unwrap())
                 .add_service(StorageServiceServer::new(storage))
                 .add_service(GroupServiceServer::new(groups))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
@@ -174,7 +179,7 @@ impl World {
             .await
             .unwrap();
         let client = StorageServiceClient::new(channel.clone());
-        let groups = GroupServiceClient::new(channel);
+        let groups = GroupServiceClient::new(channel.clone());
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &kafka)
             .create()
@@ -187,6 +192,7 @@ impl World {
         Self {
             client,
             groups,
+            channel,
             postgres: stores.postgres,
             redis,
             tag: prefix.replace('-', ""),
@@ -1234,4 +1240,51 @@ async fn burn_after_read_purges_the_content_in_every_store() {
             .await
             .unwrap();
     assert_eq!(kept, 2);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_and_health_reports_serving() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let world = World::start().await;
+    let mut reflection = ServerReflectionClient::new(world.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    for expected in [
+        "chatify.storage.v1.StorageService",
+        "chatify.storage.v1.GroupService",
+    ] {
+        assert!(names.iter().any(|name| name == expected), "{names:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(world.channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "chatify.storage.v1.StorageService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }
