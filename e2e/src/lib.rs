@@ -59,9 +59,17 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16,
 
 /// A loopback address with a port that was free a moment ago.
 pub fn free_local_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
+    let [addr] = free_local_addrs();
+    addr
+}
+
+/// `N` loopback addresses with ports free a moment ago, all different (the listeners are
+/// held together, so one port is never handed out twice).
+pub fn free_local_addrs<const N: usize>() -> [std::net::SocketAddr; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr"))
 }
 
 /// Path of a workspace binary built next to the running test, in the same profile

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chatify_e2e::{free_local_addr, http_get, service_env, workspace_binary};
+use chatify_e2e::{free_local_addr, free_local_addrs, http_get, service_env, workspace_binary};
 
 const START_WAIT: Duration = Duration::from_secs(60);
 const JWT_SECRET: &str = "e2e-test-secret-that-is-long-enough-0123456789";
@@ -46,12 +46,12 @@ fn command(binary: &str) -> Command {
 }
 
 fn start(binary: &str, extra_env: &[(&str, String)]) -> Running {
-    let admin = free_local_addr();
+    let [admin, grpc, ws, tcp] = free_local_addrs();
     let mut command = command(binary);
     command.env("CHATIFY_ADMIN_ADDR", admin.to_string());
-    command.env("CHATIFY_GRPC_ADDR", free_local_addr().to_string());
-    command.env("CHATIFY_WS_ADDR", free_local_addr().to_string());
-    command.env("CHATIFY_TCP_ADDR", free_local_addr().to_string());
+    command.env("CHATIFY_GRPC_ADDR", grpc.to_string());
+    command.env("CHATIFY_WS_ADDR", ws.to_string());
+    command.env("CHATIFY_TCP_ADDR", tcp.to_string());
     for (variable, value) in extra_env {
         command.env(variable, value);
     }

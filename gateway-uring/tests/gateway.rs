@@ -23,10 +23,13 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").expect("REDIS_URL in .local/chatify.env")
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("ephemeral port")
+/// `N` loopback addresses with ports free a moment ago, all different: the listeners are
+/// held together so the kernel cannot hand out one port twice.
+fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr"))
 }
 
 /// The io_uring driver is tested where the kernel lets this process use it.
@@ -56,7 +59,7 @@ impl Drop for Gateway {
 
 impl Gateway {
     fn start(driver: &str, extra: &[(&str, &str)]) -> Self {
-        let (ws, tcp, admin) = (free_addr(), free_addr(), free_addr());
+        let [ws, tcp, admin] = free_addrs();
         let mut command = Command::new(env!("CARGO_BIN_EXE_gateway-uring"));
         command
             .env("JWT_SECRET", SECRET)

@@ -1,0 +1,330 @@
+//! storage-reader QueryMessages and ListSessions over real gRPC, side by side with a raw
+//! Redis read of the same data in the same run (issue 5).
+//!
+//! Seeds one chat of `--messages` messages and one user with `--sessions` sessions through
+//! the writer's own store code (Postgres archive + Redis hot cache), starts the reader's
+//! service in this process on loopback, then runs each case for `--seconds` with
+//! `--concurrency` callers, closed loop:
+//! - `raw-redis`: `ZREVRANGEBYSCORE` of the newest 51 hot-cache entries (what a cache-hit
+//!   page reads), decoded;
+//! - `query-cache`: QueryMessages, newest 50, served by the hot cache;
+//! - `query-archive`: the same with the hot cache dropped (Postgres path);
+//! - `list-sessions`: ListSessions, first 50 of the user's sessions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chatify_core::ids::{MessageId, SessionId};
+use chatify_core::keys;
+use chatify_core::stores::Stores;
+use chatify_proto::Message as _;
+use chatify_proto::client::v1::{ChatMessage, MessageType};
+use chatify_proto::storage::v1::storage_service_client::StorageServiceClient;
+use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
+use chatify_proto::storage::v1::{ListSessionsRequest, QueryMessagesRequest};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use storage_writer::cache::{self, CacheLimits, StoredMessage};
+use storage_writer::record::{Incoming, Origin, Position};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SECRET: &str = "reader-bench-secret-that-is-long-enough-0123";
+
+#[derive(Debug, Parser)]
+#[command(about = "storage-reader vs raw Redis, one run of each case")]
+struct Args {
+    #[arg(long, default_value_t = 200)]
+    messages: usize,
+    #[arg(long, default_value_t = 500)]
+    sessions: usize,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+fn incoming(sender: &str, session: &SessionId, i: usize, at: i64) -> Incoming {
+    let client_msg_id = format!("c{i}");
+    Incoming {
+        position: Position {
+            partition: 0,
+            offset: i as i64,
+        },
+        origin: Origin {
+            node_id: "bench".into(),
+            connection_id: 0,
+        },
+        sender_id: sender.to_owned(),
+        device_id: "bench".into(),
+        session: session.clone(),
+        message_id: MessageId::derive(sender, &client_msg_id, at as u64),
+        client_msg_id,
+        message_type: MessageType::Text,
+        content: format!("message {i} {}", "x".repeat(80)),
+        burn_after_seconds: None,
+        request_id: None,
+        timestamp_ms: at,
+    }
+}
+
+fn token(user: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user, "did": "bench", "jti": format!("bench-{user}"), "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    chatify_core::config::load_env_file()?;
+    let args = Args::parse();
+    let config: storage_reader::config::Config = chatify_core::config::parse_from([
+        "storage-reader".to_owned(),
+        format!("--jwt-secret={SECRET}"),
+    ])?;
+    let stores = Stores::open(&config.redis, &config.postgres, &config.mongo).await?;
+    let mut redis = redis::aio::ConnectionManager::new(stores.redis.clone()).await?;
+    let tag = format!(
+        "{}{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis() % 1_000_000
+    );
+    let (alice, bob) = (format!("a{tag}"), format!("b{tag}"));
+    let chat = SessionId::single(&alice, &bob)?;
+    let now = chrono::Utc::now().timestamp_millis();
+
+    // Seed through the writer's store code: the chat, then `sessions` chats of one user.
+    let messages: Vec<Incoming> = (0..args.messages)
+        .map(|i| incoming(&alice, &chat, i, now + i as i64))
+        .collect();
+    let mut hub_chats = Vec::new();
+    for i in 0..args.sessions {
+        let peer = format!("p{i}x{tag}");
+        let session = SessionId::single(&bob, &peer)?;
+        hub_chats.push((
+            incoming(&peer, &session, 0, now + i as i64),
+            vec![bob.clone(), peer],
+        ));
+    }
+    let rows: Vec<storage_writer::archive::Row<'_>> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| storage_writer::archive::Row {
+            message,
+            seq: i as u64 + 1,
+        })
+        .collect();
+    storage_writer::archive::write_postgres(&stores.postgres, &rows)
+        .await?
+        .map_err(|collision| anyhow::anyhow!("seq collision {collision:?}"))?;
+    let limits = CacheLimits {
+        hot_cache_messages: args.messages,
+        hot_cache_ttl_seconds: 3600,
+    };
+    let stored: Vec<StoredMessage<'_>> = rows
+        .iter()
+        .map(|row| StoredMessage {
+            message: row.message,
+            seq: row.seq,
+        })
+        .collect();
+    let chat_members = vec![alice.clone(), bob.clone()];
+    let members = std::iter::once((&chat, chat_members.as_slice())).collect();
+    cache::write(&mut redis, &stored, &members, limits).await?;
+    for (message, members) in &hub_chats {
+        let stored = [StoredMessage { message, seq: 1 }];
+        let members = std::iter::once((&message.session, members.as_slice())).collect();
+        cache::write(&mut redis, &stored, &members, limits).await?;
+    }
+
+    // The reader, in this process, on loopback.
+    let storage = storage_reader::service::Storage {
+        gatekeeper: storage_reader::identity::Gatekeeper::new(
+            chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
+            None,
+            redis.clone(),
+        ),
+        postgres: stores.postgres.clone(),
+        redis: redis.clone(),
+        mongo: stores.mongo.collection("messages"),
+        notifier: storage_reader::notify::Notifier {
+            producer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+                .create()?,
+            topics: config.kafka.topics(),
+        },
+        recall_window_ms: 120_000,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StorageServiceServer::new(storage))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token(&bob)?).parse()?;
+
+    println!(
+        "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call |\n|---|---|---|---|---|---|---|"
+    );
+    let duration = Duration::from_secs(args.seconds);
+    let hot = keys::session_hot_cache(&chat);
+    let raw = run_case(args.concurrency, duration, {
+        let redis = redis.clone();
+        move || {
+            let mut redis = redis.clone();
+            let hot = hot.clone();
+            async move {
+                let entries: Vec<Vec<u8>> = redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(&hot)
+                    .arg("+inf")
+                    .arg("-inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(51)
+                    .query_async(&mut redis)
+                    .await?;
+                let mut decoded = 0;
+                for entry in entries {
+                    ChatMessage::decode(entry.as_slice())?;
+                    decoded += 1;
+                }
+                anyhow::Ok(decoded)
+            }
+        }
+    })
+    .await?;
+    print_row("raw-redis", args.concurrency, &raw);
+
+    let query = |channel: tonic::transport::Channel| {
+        let bearer = bearer.clone();
+        let session_id = chat.to_string();
+        move || {
+            let mut client = StorageServiceClient::new(channel.clone());
+            let mut request = tonic::Request::new(QueryMessagesRequest {
+                session_id: session_id.clone(),
+                direction: chatify_proto::storage::v1::Direction::Backward as i32,
+                limit: 50,
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            async move {
+                let page = client.query_messages(request).await?.into_inner();
+                anyhow::Ok(page.messages.len())
+            }
+        }
+    };
+    let cached = run_case(args.concurrency, duration, query(channel.clone())).await?;
+    print_row("query-cache", args.concurrency, &cached);
+
+    redis::cmd("DEL")
+        .arg(keys::session_hot_cache(&chat))
+        .exec_async(&mut redis)
+        .await?;
+    let archive = run_case(args.concurrency, duration, query(channel.clone())).await?;
+    print_row("query-archive", args.concurrency, &archive);
+
+    let sessions = run_case(args.concurrency, duration, {
+        let channel = channel.clone();
+        let bearer = bearer.clone();
+        move || {
+            let mut client = StorageServiceClient::new(channel.clone());
+            let mut request = tonic::Request::new(ListSessionsRequest {
+                limit: 50,
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            async move {
+                let page = client.list_sessions(request).await?.into_inner();
+                anyhow::Ok(page.sessions.len())
+            }
+        }
+    })
+    .await?;
+    print_row(
+        &format!("list-sessions ({} sessions)", args.sessions + 1),
+        args.concurrency,
+        &sessions,
+    );
+    println!(
+        "\nquery-cache ÷ raw-redis = {:.2}",
+        cached.calls as f64 / raw.calls as f64
+    );
+    Ok(())
+}
+
+struct Outcome {
+    calls: u64,
+    seconds: f64,
+    entries: usize,
+    latency: Histogram<u64>,
+}
+
+fn print_row(name: &str, concurrency: usize, outcome: &Outcome) {
+    let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "| {name} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+        outcome.calls as f64 / outcome.seconds,
+        ms(0.5),
+        ms(0.99),
+        outcome.latency.max() as f64 / 1000.0,
+        outcome.entries
+    );
+}
+
+/// Runs `call` from `concurrency` callers back to back for `duration`; latency in µs.
+async fn run_case<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    call: F,
+) -> anyhow::Result<Outcome>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<usize>> + Send,
+{
+    let call = Arc::new(call);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let call = Arc::clone(&call);
+        workers.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut entries = 0;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                entries = call().await?;
+                latency.record(sent.elapsed().as_micros().max(1) as u64)?;
+            }
+            anyhow::Ok((latency, entries))
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut entries = 0;
+    for worker in workers {
+        let (part, seen) = worker.await.context("worker")??;
+        latency.add(&part)?;
+        entries = seen;
+    }
+    Ok(Outcome {
+        calls: latency.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        entries,
+        latency,
+    })
+}
