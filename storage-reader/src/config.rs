@@ -44,6 +44,14 @@ pub struct Config {
     /// How often burn-after-read messages whose timer ran out are purged, in ms.
     #[arg(long, env = "CHATIFY_BURN_SWEEP_MS", default_value_t = 1000)]
     pub burn_sweep_ms: u64,
+    /// Store that serves history pages the Redis hot cache cannot: postgres or mongo.
+    #[arg(
+        long,
+        env = "CHATIFY_READER_ARCHIVE",
+        value_enum,
+        default_value = "postgres"
+    )]
+    pub archive: crate::store::ArchiveStore,
 }
 
 impl Config {

@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
             topics: config.kafka.topics(),
         },
         recall_window_ms: (config.recall_window_seconds * 1000) as i64,
+        archive: config.archive,
     };
     let groups = storage_reader::group::Groups {
         gatekeeper: storage.gatekeeper.clone(),

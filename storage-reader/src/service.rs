@@ -44,6 +44,8 @@ pub struct Storage {
     pub notifier: Notifier,
     /// How long after sending a sender may recall, in ms.
     pub recall_window_ms: i64,
+    /// Which store serves pages the hot cache cannot.
+    pub archive: store::ArchiveStore,
 }
 
 fn session_arg(text: &str) -> Result<SessionId, ReaderError> {
@@ -89,7 +91,7 @@ impl Storage {
         let mut redis = self.redis.clone();
         let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
         let backward = Direction::try_from(request.direction) == Ok(Direction::Backward);
-        let mut messages = match request.range {
+        let page = match request.range {
             Some(query_messages_request::Range::Time(range)) => {
                 if backward {
                     return Err(ReaderError::InvalidArgument(
@@ -102,7 +104,7 @@ impl Storage {
                     ));
                 }
                 let after = cursor.unwrap_or(0).max(state.cleared_seq);
-                store::time_page(
+                let mut messages = store::time_page(
                     &self.postgres,
                     caller,
                     &session,
@@ -110,7 +112,16 @@ impl Storage {
                     after,
                     limit,
                 )
-                .await?
+                .await?;
+                let has_more = messages.len() > limit;
+                messages.truncate(limit);
+                let last_seq = messages.last().map(|message| message.seq);
+                store::Page {
+                    messages,
+                    has_more,
+                    last_seq,
+                    source: store::Source::Archive,
+                }
             }
             seq => {
                 let (after, before) = match seq {
@@ -138,24 +149,34 @@ impl Storage {
                     limit,
                 };
                 if page.before != 0 && page.before <= page.after + 1 {
-                    Vec::new()
+                    store::Page {
+                        messages: Vec::new(),
+                        has_more: false,
+                        last_seq: None,
+                        source: store::Source::Cache,
+                    }
                 } else {
-                    store::seq_page(&self.postgres, &mut redis, caller, &session, page)
-                        .await?
-                        .0
+                    store::seq_page(
+                        &self.postgres,
+                        &self.mongo,
+                        self.archive,
+                        &mut redis,
+                        caller,
+                        &session,
+                        page,
+                    )
+                    .await?
                 }
             }
         };
-        let has_more = messages.len() > limit;
-        messages.truncate(limit);
-        let next_cursor = match (has_more, messages.last()) {
-            (true, Some(last)) => last.seq.to_string(),
+        let next_cursor = match (page.has_more, page.last_seq) {
+            (true, Some(last)) => last.to_string(),
             _ => String::new(),
         };
         Ok(QueryMessagesResponse {
-            messages,
+            messages: page.messages,
             next_cursor,
-            has_more,
+            has_more: page.has_more,
         })
     }
 

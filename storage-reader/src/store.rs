@@ -154,17 +154,39 @@ pub enum Source {
     Archive,
 }
 
-/// Up to `limit + 1` messages of the page (the extra one tells whether there is more), in
-/// page order, hidden ones for `user` removed. The hot cache serves the page when it holds
-/// every seq the page can reach; otherwise the archive serves all of it (the archive has
-/// everything the cache has), so a page never mixes sources and has no gap or duplicate.
+/// Which store serves pages the hot cache cannot (`CHATIFY_READER_ARCHIVE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveStore {
+    Postgres,
+    Mongo,
+}
+
+/// One page of a seq query for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// Visible messages of the page, in page order (hidden ones for the user removed).
+    pub messages: Vec<ChatMessage>,
+    /// Whether messages lie beyond this page in its direction.
+    pub has_more: bool,
+    /// Seq of the last message the page covered, visible or not: the next page's cursor.
+    pub last_seq: Option<u64>,
+    pub source: Source,
+}
+
+/// A page of `page.limit` seqs. The hot cache serves it when it holds every seq the page can
+/// reach; otherwise the archive serves all of it (the archive has everything the cache has),
+/// so a page never mixes sources and has no gap or duplicate. The window (and so `has_more`
+/// and the cursor) is cut before the user's hidden messages are removed, so hiding never
+/// ends paging early.
 pub async fn seq_page(
     postgres: &PgPool,
+    mongo: &mongodb::Collection<mongodb::bson::Document>,
+    archive: ArchiveStore,
     redis: &mut ConnectionManager,
     user: &str,
     session: &SessionId,
     page: SeqPage,
-) -> Result<(Vec<ChatMessage>, Source), ReaderError> {
+) -> Result<Page, ReaderError> {
     let hot = keys::session_hot_cache(session);
     let want = page.limit + 1;
     let upper = if page.before == 0 {
@@ -201,7 +223,7 @@ pub async fn seq_page(
         // Backward: a full page from the cache, or the cache reaches down to `after`.
         Some(min) => cached.len() == want || page.after + 1 >= min,
     };
-    if served_by_cache {
+    let (mut window, source) = if served_by_cache {
         let mut messages = Vec::with_capacity(cached.len());
         for bytes in cached {
             let message = ChatMessage::decode(bytes.as_slice()).map_err(|error| {
@@ -212,31 +234,124 @@ pub async fn seq_page(
             })?;
             messages.push(message);
         }
-        let hidden = hidden_seqs(postgres, user, session, &messages).await?;
-        messages.retain(|message| !hidden.contains(&message.seq));
-        metrics::counter!("chatify_reader_page_source_total", "source" => "cache").increment(1);
-        return Ok((messages, Source::Cache));
-    }
-    metrics::counter!("chatify_reader_page_source_total", "source" => "archive").increment(1);
+        (messages, Source::Cache)
+    } else {
+        let messages = match archive {
+            ArchiveStore::Postgres => postgres_window(postgres, session, page).await?,
+            ArchiveStore::Mongo => mongo_window(mongo, session, page).await?,
+        };
+        (messages, Source::Archive)
+    };
+    let label = match source {
+        Source::Cache => "cache",
+        Source::Archive => "archive",
+    };
+    metrics::counter!("chatify_reader_page_source_total", "source" => label).increment(1);
+    let has_more = window.len() > page.limit;
+    window.truncate(page.limit);
+    let last_seq = window.last().map(|message| message.seq);
+    let hidden = hidden_seqs(postgres, user, session, &window).await?;
+    window.retain(|message| !hidden.contains(&message.seq));
+    Ok(Page {
+        messages: window,
+        has_more,
+        last_seq,
+        source,
+    })
+}
+
+async fn postgres_window(
+    postgres: &PgPool,
+    session: &SessionId,
+    page: SeqPage,
+) -> Result<Vec<ChatMessage>, ReaderError> {
     let order = if page.backward { "DESC" } else { "ASC" };
     let rows: Vec<ArchiveRow> = sqlx::query_as(&format!(
         "SELECT {ARCHIVE_COLUMNS} FROM messages m \
          WHERE m.session_id = $1 AND m.seq > $2 AND ($3 = 0 OR m.seq < $3) \
-           AND NOT EXISTS (SELECT 1 FROM message_hides h WHERE h.user_id = $4 \
-                           AND h.message_id = m.message_id AND h.hidden_from <= now()) \
-         ORDER BY m.seq {order} LIMIT $5"
+         ORDER BY m.seq {order} LIMIT $4"
     ))
     .bind(session.to_string())
     .bind(page.after as i64)
     .bind(page.before as i64)
-    .bind(user)
-    .bind(want as i64)
+    .bind((page.limit + 1) as i64)
     .fetch_all(postgres)
     .await?;
-    Ok((
-        rows.into_iter().map(ArchiveRow::into_message).collect(),
-        Source::Archive,
-    ))
+    Ok(rows.into_iter().map(ArchiveRow::into_message).collect())
+}
+
+async fn mongo_window(
+    mongo: &mongodb::Collection<mongodb::bson::Document>,
+    session: &SessionId,
+    page: SeqPage,
+) -> Result<Vec<ChatMessage>, ReaderError> {
+    use futures::TryStreamExt as _;
+    use mongodb::bson::doc;
+    let unavailable = |error: mongodb::error::Error| ReaderError::Unavailable {
+        store: "mongo",
+        reason: error.to_string(),
+    };
+    let mut seq = doc! { "$gt": page.after as i64 };
+    if page.before != 0 {
+        seq.insert("$lt", page.before as i64);
+    }
+    let documents: Vec<mongodb::bson::Document> = mongo
+        .find(doc! { "session_id": session.to_string(), "seq": seq })
+        .sort(doc! { "seq": if page.backward { -1 } else { 1 } })
+        .limit((page.limit + 1) as i64)
+        .await
+        .map_err(unavailable)?
+        .try_collect()
+        .await
+        .map_err(unavailable)?;
+    documents
+        .iter()
+        .map(|document| mongo_message(document, session))
+        .collect()
+}
+
+/// A message from its MongoDB document (the writer's layout, `archive::mongo_document`).
+fn mongo_message(
+    document: &mongodb::bson::Document,
+    session: &SessionId,
+) -> Result<ChatMessage, ReaderError> {
+    let bad = |field: &str| ReaderError::Unavailable {
+        store: "mongo",
+        reason: format!("message document without a valid {field}"),
+    };
+    let recalled = document.get_bool("recalled").unwrap_or(false);
+    let message_type = match document.get_str("message_type").unwrap_or("text") {
+        "image" => MessageType::Image,
+        "file" => MessageType::File,
+        "system" => MessageType::System,
+        "control" => MessageType::Control,
+        "indicator" => MessageType::Indicator,
+        _ => MessageType::Text,
+    };
+    Ok(ChatMessage {
+        message_id: document.get_str("_id").map_err(|_| bad("_id"))?.to_owned(),
+        session_id: session.to_string(),
+        seq: document.get_i64("seq").map_err(|_| bad("seq"))? as u64,
+        sender_id: document
+            .get_str("sender_id")
+            .map_err(|_| bad("sender_id"))?
+            .to_owned(),
+        message_type: message_type as i32,
+        content: if recalled {
+            String::new()
+        } else {
+            document.get_str("content").unwrap_or_default().to_owned()
+        },
+        timestamp: document
+            .get_datetime("created_at")
+            .map(|at| at.timestamp_millis())
+            .map_err(|_| bad("created_at"))?,
+        burn_after_seconds: document
+            .get_i64("burn_after_seconds")
+            .ok()
+            .map(|seconds| seconds as u32),
+        recalled,
+    })
 }
 
 /// Messages of a time range (archive only), by seq from `after_seq`.

@@ -84,6 +84,11 @@ fn as_user<T>(user: &str, message: T) -> Request<T> {
 impl World {
     /// Starts the writer (real pipeline) and the reader (real service, real gRPC).
     async fn start() -> Self {
+        Self::start_with(storage_reader::store::ArchiveStore::Postgres).await
+    }
+
+    /// [`World::start`] with the reader's archive pages served by `archive`.
+    async fn start_with(archive: storage_reader::store::ArchiveStore) -> Self {
         let kafka = service_env("KAFKA_BOOTSTRAP_SERVERS");
         let prefix = unique_name("rt");
         let topics = chatify_core::topics::Topics::new(prefix.clone());
@@ -154,6 +159,7 @@ impl World {
                 topics: topics.clone(),
             },
             recall_window_ms: 60_000,
+            archive,
         };
         let groups = Groups {
             gatekeeper: storage.gatekeeper.clone(),
@@ -1287,4 +1293,43 @@ async fn reflection_lists_the_services_and_health_reports_serving() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+#[tokio::test]
+async fn mongo_can_serve_the_archive_path() {
+    let mut world = World::start_with(storage_reader::store::ArchiveStore::Mongo).await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 12).await;
+    let mut redis = world.redis.clone();
+    redis::cmd("DEL")
+        .arg(keys::session_hot_cache(&chat))
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        world.all_pages(&bob, &chat, false).await,
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        world.all_pages(&bob, &chat, true).await,
+        (1..=12).rev().collect::<Vec<_>>()
+    );
+    let page = world
+        .client
+        .query_messages(as_user(
+            &bob,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                limit: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = &page.messages[0];
+    assert_eq!((first.seq, first.content.as_str()), (1, "message 0"));
+    assert_eq!(first.sender_id, alice);
+    assert!(first.timestamp > 0);
 }

@@ -162,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
             topics: config.kafka.topics(),
         },
         recall_window_ms: 120_000,
+        archive: storage_reader::store::ArchiveStore::Postgres,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
