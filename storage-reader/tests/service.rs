@@ -893,6 +893,53 @@ async fn groups_have_roles_a_size_limit_and_the_writer_sees_changes() {
             .await
             .unwrap();
     assert_eq!(from_ben, 1, "only the message sent while a member");
+
+    // Moderators recall anyone's message at any time; a plain member only their own.
+    let ids: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT message_id, sender_id FROM messages WHERE session_id = $1 ORDER BY seq",
+    )
+    .bind(group.to_string())
+    .fetch_all(&world.postgres)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE messages SET created_at = now() - interval '1 hour' WHERE session_id = $1")
+        .bind(group.to_string())
+        .execute(&world.postgres)
+        .await
+        .unwrap();
+    let recall = |user: &str, id: uuid::Uuid| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            user,
+            chatify_proto::storage::v1::RecallMessageRequest {
+                message_id: id.to_string(),
+                ..Default::default()
+            },
+        );
+        async move {
+            client
+                .recall_message(request)
+                .await
+                .map(|r| r.into_inner().seq)
+        }
+    };
+    assert_eq!(
+        recall(&ann, ids[1].0)
+            .await
+            .expect_err("a member, not the sender")
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        recall(&cat, ids[1].0).await.unwrap(),
+        2,
+        "an admin, an hour later"
+    );
+    assert_eq!(
+        recall(&owner, ids[0].0).await.unwrap(),
+        1,
+        "the owner, a removed member's"
+    );
 }
 
 #[tokio::test]
@@ -1332,4 +1379,84 @@ async fn mongo_can_serve_the_archive_path() {
     assert_eq!((first.seq, first.content.as_str()), (1, "message 0"));
     assert_eq!(first.sender_id, alice);
     assert!(first.timestamp > 0);
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_answers_unavailable() {
+    let postgres_url = service_env("POSTGRES_URL");
+    let url = url::Url::parse(&postgres_url).unwrap();
+    let proxy = chatify_e2e::TcpProxy::start(&format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    ))
+    .await
+    .unwrap();
+    let mut through = url.clone();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let postgres = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(through.as_str())
+        .unwrap();
+    let redis_client = redis::Client::open(service_env("REDIS_URL")).unwrap();
+    let redis = redis::aio::ConnectionManager::new(redis_client)
+        .await
+        .unwrap();
+    let mongo = mongodb::Client::with_uri_str(service_env("MONGO_URL"))
+        .await
+        .unwrap()
+        .database(&unique_name("rt").replace('-', "_"));
+    let storage = Storage {
+        gatekeeper: Gatekeeper::new(
+            chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
+            None,
+            redis.clone(),
+        ),
+        postgres,
+        redis,
+        mongo: mongo.collection("messages"),
+        notifier: Notifier {
+            producer: ClientConfig::new()
+                .set("bootstrap.servers", service_env("KAFKA_BOOTSTRAP_SERVERS"))
+                .create()
+                .unwrap(),
+            topics: chatify_core::topics::Topics::new(unique_name("rt")),
+        },
+        recall_window_ms: 60_000,
+        archive: storage_reader::store::ArchiveStore::Postgres,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StorageServiceServer::new(storage))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut client = StorageServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let chat = SessionId::single("downa", "downb").unwrap();
+    let query = || {
+        as_user(
+            "downa",
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    client.query_messages(query()).await.expect("postgres up");
+    proxy.set_down();
+    let status = client
+        .query_messages(query())
+        .await
+        .expect_err("postgres down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("postgres"), "{status:?}");
+    proxy.set_up();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.query_messages(query()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
