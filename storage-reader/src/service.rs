@@ -89,7 +89,6 @@ impl Storage {
         let cursor = cursor_arg(&request.cursor)?;
         store::require_member(&self.postgres, &session, caller).await?;
         let mut redis = self.redis.clone();
-        let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
         let backward = Direction::try_from(request.direction) == Ok(Direction::Backward);
         let page = match request.range {
             Some(query_messages_request::Range::Time(range)) => {
@@ -103,6 +102,7 @@ impl Storage {
                         "time range end_ms must be after start_ms".into(),
                     ));
                 }
+                let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
                 let after = cursor.unwrap_or(0).max(state.cleared_seq);
                 let mut messages = store::time_page(
                     &self.postgres,
@@ -142,8 +142,11 @@ impl Storage {
                     (true, Some(cursor)) => (after, cursor),
                     (_, None) => (after, before),
                 };
+                // One Postgres query for the caller's clear watermark and hidden seqs.
+                let marks =
+                    store::page_marks(&self.postgres, caller, &session, after, before).await?;
                 let page = SeqPage {
-                    after: after.max(state.cleared_seq),
+                    after: after.max(marks.cleared_seq),
                     before,
                     backward,
                     limit,
@@ -161,7 +164,7 @@ impl Storage {
                         &self.mongo,
                         self.archive,
                         &mut redis,
-                        caller,
+                        &marks.hidden,
                         &session,
                         page,
                     )

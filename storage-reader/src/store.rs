@@ -183,7 +183,7 @@ pub async fn seq_page(
     mongo: &mongodb::Collection<mongodb::bson::Document>,
     archive: ArchiveStore,
     redis: &mut ConnectionManager,
-    user: &str,
+    hidden: &[u64],
     session: &SessionId,
     page: SeqPage,
 ) -> Result<Page, ReaderError> {
@@ -250,7 +250,6 @@ pub async fn seq_page(
     let has_more = window.len() > page.limit;
     window.truncate(page.limit);
     let last_seq = window.last().map(|message| message.seq);
-    let hidden = hidden_seqs(postgres, user, session, &window).await?;
     window.retain(|message| !hidden.contains(&message.seq));
     Ok(Page {
         messages: window,
@@ -400,26 +399,39 @@ pub async fn message_by_id(
     Ok(row.map(|row| (row.row.into_message(), row.hidden)))
 }
 
-async fn hidden_seqs(
+/// What a user's page must leave out: the clear watermark and the hidden (deleted for me,
+/// burned) seqs in `(after, before)` (`before` 0 = no bound).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageMarks {
+    pub cleared_seq: u64,
+    pub hidden: Vec<u64>,
+}
+
+/// [`PageMarks`] in one Postgres query.
+pub async fn page_marks(
     postgres: &PgPool,
     user: &str,
     session: &SessionId,
-    messages: &[ChatMessage],
-) -> Result<Vec<u64>, ReaderError> {
-    if messages.is_empty() {
-        return Ok(Vec::new());
-    }
-    let seqs: Vec<i64> = messages.iter().map(|message| message.seq as i64).collect();
-    let hidden: Vec<(i64,)> = sqlx::query_as(
-        "SELECT seq FROM message_hides WHERE user_id = $1 AND session_id = $2 \
-         AND seq = ANY($3) AND hidden_from <= now()",
+    after: u64,
+    before: u64,
+) -> Result<PageMarks, ReaderError> {
+    let (cleared, hidden): (i64, Vec<i64>) = sqlx::query_as(
+        "SELECT coalesce((SELECT cleared_seq FROM user_session_state \
+                          WHERE user_id = $1 AND session_id = $2), 0), \
+                coalesce((SELECT array_agg(seq) FROM message_hides \
+                          WHERE user_id = $1 AND session_id = $2 AND hidden_from <= now() \
+                            AND seq > $3 AND ($4 = 0 OR seq < $4)), '{}')",
     )
     .bind(user)
     .bind(session.to_string())
-    .bind(&seqs)
-    .fetch_all(postgres)
+    .bind(after as i64)
+    .bind(before as i64)
+    .fetch_one(postgres)
     .await?;
-    Ok(hidden.into_iter().map(|(seq,)| seq as u64).collect())
+    Ok(PageMarks {
+        cleared_seq: cleared as u64,
+        hidden: hidden.into_iter().map(|seq| seq as u64).collect(),
+    })
 }
 
 const ARCHIVE_COLUMNS: &str = "m.message_id, m.session_id, m.seq, m.sender_id, m.message_type, \
