@@ -57,6 +57,10 @@ struct World {
 }
 
 fn token(user: &str, jti: &str) -> String {
+    device_token(user, "phone", jti)
+}
+
+fn device_token(user: &str, device: &str, jti: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -64,10 +68,25 @@ fn token(user: &str, jti: &str) -> String {
         + 600;
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({"sub": user, "did": "phone", "jti": jti, "exp": exp}),
+        &serde_json::json!({"sub": user, "did": device, "jti": jti, "exp": exp}),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
+}
+
+/// A request from one of `user`'s devices (its own token).
+fn as_device<T>(user: &str, device: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!(
+            "Bearer {}",
+            device_token(user, device, &format!("j-{user}-{device}"))
+        )
+        .parse()
+        .unwrap(),
+    );
+    request
 }
 
 fn as_user<T>(user: &str, message: T) -> Request<T> {
@@ -602,10 +621,17 @@ async fn reads_only_move_forward_and_unread_counts_follow() {
     assert_eq!(unread(&world, &bob).await, 30);
     assert_eq!(unread(&world, &alice).await, 0, "own messages are read");
     // Two devices read concurrently, many times: the cursor never moves back.
+    // Reads of 20 come from bob's phone, the others from his laptop (own tokens).
     let mark = |seq: u64| {
         let mut client = world.client.clone();
-        let request = as_user(
+        let device = if seq.is_multiple_of(20) {
+            "phone"
+        } else {
+            "laptop"
+        };
+        let request = as_device(
             &bob,
+            device,
             MarkMessageReadRequest {
                 session_id: chat.to_string(),
                 seq,
@@ -631,7 +657,24 @@ async fn reads_only_move_forward_and_unread_counts_follow() {
     );
     assert_eq!(mark(5).await, 20);
     assert_eq!(mark(10).await, 20);
+    // Both devices see the same unread count.
     assert_eq!(unread(&world, &bob).await, 10);
+    let from_laptop = world
+        .client
+        .clone()
+        .get_unread_count(as_device(
+            &bob,
+            "laptop",
+            GetUnreadCountRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .unread_count;
+    assert_eq!(from_laptop, 10);
     let past_end = world
         .client
         .mark_message_read(as_user(
