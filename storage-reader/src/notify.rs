@@ -120,10 +120,7 @@ pub fn event(
     message_id: &str,
     seq: u64,
 ) -> MessageEvent {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or_default();
+    let now = now_ms();
     MessageEvent {
         event_id: format!(
             "{}:{session}:{operator}:{message_id}:{seq}",
@@ -136,4 +133,12 @@ pub fn event(
         seq,
         timestamp: now,
     }
+}
+
+/// Unix time now, in ms.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
 }

@@ -22,13 +22,6 @@ use crate::identity::{Gatekeeper, check_user_field};
 use crate::notify::{self, Notifier};
 use crate::store::{self, SeqPage};
 
-fn chrono_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// Page size when a query names none.
 pub const QUERY_LIMIT_DEFAULT: usize = 50;
 /// Largest page a query may ask for.
@@ -327,7 +320,7 @@ impl Storage {
                         .as_deref(),
                     Some("owner" | "admin")
                 );
-            let now_ms = chrono_now_ms();
+            let now_ms = notify::now_ms();
             if !moderator {
                 if target.sender_id != caller {
                     return Err(ReaderError::PermissionDenied(

@@ -319,14 +319,7 @@ fn mongo_message(
         reason: format!("message document without a valid {field}"),
     };
     let recalled = document.get_bool("recalled").unwrap_or(false);
-    let message_type = match document.get_str("message_type").unwrap_or("text") {
-        "image" => MessageType::Image,
-        "file" => MessageType::File,
-        "system" => MessageType::System,
-        "control" => MessageType::Control,
-        "indicator" => MessageType::Indicator,
-        _ => MessageType::Text,
-    };
+    let message_type = message_type_of(document.get_str("message_type").unwrap_or("text"));
     Ok(ChatMessage {
         message_id: document.get_str("_id").map_err(|_| bad("_id"))?.to_owned(),
         session_id: session.to_string(),
@@ -434,6 +427,12 @@ pub async fn page_marks(
     })
 }
 
+/// A stored message type (the writer's `record::message_type_name`) as the client enum.
+fn message_type_of(name: &str) -> MessageType {
+    MessageType::from_str_name(&format!("MESSAGE_TYPE_{}", name.to_ascii_uppercase()))
+        .unwrap_or(MessageType::Text)
+}
+
 const ARCHIVE_COLUMNS: &str = "m.message_id, m.session_id, m.seq, m.sender_id, m.message_type, \
     m.content, (extract(epoch FROM m.created_at) * 1000)::int8 AS created_ms, \
     m.burn_after_seconds, m.recalled_at IS NOT NULL AS recalled";
@@ -460,14 +459,7 @@ struct ArchiveRow {
 
 impl ArchiveRow {
     fn into_message(self) -> ChatMessage {
-        let message_type = match self.message_type.as_str() {
-            "image" => MessageType::Image,
-            "file" => MessageType::File,
-            "system" => MessageType::System,
-            "control" => MessageType::Control,
-            "indicator" => MessageType::Indicator,
-            _ => MessageType::Text,
-        };
+        let message_type = message_type_of(&self.message_type);
         ChatMessage {
             message_id: self.message_id.to_string(),
             session_id: self.session_id,
@@ -841,5 +833,18 @@ pub async fn burn_sweeper(
             Ok(burned) => tracing::debug!(burned, "burn-after-read sweep"),
             Err(error) => tracing::warn!(%error, "burn-after-read sweep failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_type_names_map_to_the_client_enum() {
+        assert_eq!(message_type_of("image"), MessageType::Image);
+        assert_eq!(message_type_of("indicator"), MessageType::Indicator);
+        assert_eq!(message_type_of("text"), MessageType::Text);
+        assert_eq!(message_type_of("???"), MessageType::Text);
     }
 }

@@ -96,19 +96,12 @@ pub async fn write_postgres(
     // lost (same sender and client_msg_id, other id), or a seq collision.
     let conflict_senders: Vec<&str> = conflicted.iter().map(|&i| senders[i]).collect();
     let conflict_client_ids: Vec<&str> = conflicted.iter().map(|&i| client_ids[i]).collect();
-    let existing: Vec<(String, String, uuid::Uuid, i64)> = sqlx::query_as(
-        "SELECT m.sender_id, m.client_msg_id, m.message_id, m.seq FROM messages m \
-         JOIN unnest($1::text[], $2::text[]) AS k(sender_id, client_msg_id) \
-         USING (sender_id, client_msg_id)",
-    )
-    .bind(&conflict_senders)
-    .bind(&conflict_client_ids)
-    .fetch_all(postgres)
-    .await?;
-    let existing: HashMap<(String, String), (uuid::Uuid, i64)> = existing
-        .into_iter()
-        .map(|(sender, client_msg_id, id, seq)| ((sender, client_msg_id), (id, seq)))
-        .collect();
+    let existing: HashMap<(String, String), (uuid::Uuid, i64)> =
+        stored_by_client_id(postgres, &conflict_senders, &conflict_client_ids)
+            .await?
+            .into_iter()
+            .map(|(sender, client_msg_id, id, seq)| ((sender, client_msg_id), (id, seq)))
+            .collect();
     let mut collisions = Vec::new();
     for index in conflicted {
         let key = (senders[index].to_owned(), client_ids[index].to_owned());
@@ -132,7 +125,25 @@ pub async fn write_postgres(
     }
 }
 
-/// Highest stored seq of each session (for repairing a counter after a collision).
+/// Stored (sender, client_msg_id, message_id, seq) of the given (sender, client_msg_id) pairs.
+pub async fn stored_by_client_id(
+    postgres: &PgPool,
+    senders: &[&str],
+    client_ids: &[&str],
+) -> Result<Vec<(String, String, uuid::Uuid, i64)>, StoreFailure> {
+    Ok(sqlx::query_as(
+        "SELECT m.sender_id, m.client_msg_id, m.message_id, m.seq FROM messages m \
+         JOIN unnest($1::text[], $2::text[]) AS k(sender_id, client_msg_id) \
+         USING (sender_id, client_msg_id)",
+    )
+    .bind(senders)
+    .bind(client_ids)
+    .fetch_all(postgres)
+    .await?)
+}
+
+/// Highest stored seq of each session, 0 for none: one index probe per session (a
+/// backward scan of (session_id, seq)), not an aggregate over the whole history.
 pub async fn max_seqs(
     postgres: &PgPool,
     sessions: &[String],

@@ -20,6 +20,7 @@ use chatify_core::keys;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
+use crate::archive;
 use crate::error::StoreFailure;
 use crate::record::Incoming;
 
@@ -130,34 +131,15 @@ async fn reseed_from_postgres(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // One index probe per session (backward scan of (session_id, seq)), not an aggregate
-    // over the whole history.
-    let maxima: Vec<(String, Option<i64>)> = sqlx::query_as(
-        "SELECT s.session_id, \
-                (SELECT m.seq FROM messages m WHERE m.session_id = s.session_id \
-                 ORDER BY m.seq DESC LIMIT 1) \
-         FROM unnest($1::text[]) AS s(session_id)",
-    )
-    .bind(&sessions)
-    .fetch_all(postgres)
-    .await?;
+    let maxima = archive::max_seqs(postgres, &sessions).await?;
     let senders: Vec<&str> = messages.iter().map(|m| m.sender_id.as_str()).collect();
     let client_ids: Vec<&str> = messages.iter().map(|m| m.client_msg_id.as_str()).collect();
-    let stored: Vec<(String, String, uuid::Uuid, i64)> = sqlx::query_as(
-        "SELECT m.sender_id, m.client_msg_id, m.message_id, m.seq FROM messages m \
-         JOIN unnest($1::text[], $2::text[]) AS k(sender_id, client_msg_id) \
-         USING (sender_id, client_msg_id)",
-    )
-    .bind(&senders)
-    .bind(&client_ids)
-    .fetch_all(postgres)
-    .await?;
+    let stored = archive::stored_by_client_id(postgres, &senders, &client_ids).await?;
     let mut pipe = redis::pipe();
     let mut seeded: HashMap<String, i64> = HashMap::new();
     for (session_id, max_seq) in maxima {
         let session = SessionId::parse(&session_id)
             .map_err(|error| StoreFailure::Inconsistent(error.to_string()))?;
-        let max_seq = max_seq.unwrap_or(0);
         pipe.cmd("SET")
             .arg(keys::session_seq(&session))
             .arg(max_seq)
