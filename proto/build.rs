@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Send.request_id",
         "Sync.request_id",
         "Recall.request_id",
+        "Read.request_id",
         "Messages.request_id",
         "Error.client_msg_id",
         "Error.request_id",

@@ -35,6 +35,18 @@ pub fn user_routes(user_id: &str) -> String {
     format!("chatify:user:{user_id}")
 }
 
+/// Set of `user_id|device_id` a gateway node registered routes for, so a restarted node
+/// removes the routes it left behind when it died.
+pub fn node_routes(node_id: &str) -> String {
+    format!("chatify:node-routes:{node_id}")
+}
+
+/// A user's last published presence (`online` / `offline`), so a device joining while
+/// another is connected, or a reconnect within the grace period, publishes nothing.
+pub fn user_presence(user_id: &str) -> String {
+    format!("chatify:presence:{user_id}")
+}
+
 /// A user's read cursors: hash of session id -> read seq.
 pub fn user_cursors(user_id: &str) -> String {
     format!("chatify:cursor:{user_id}")

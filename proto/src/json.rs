@@ -281,6 +281,7 @@ mod tests {
             frame: Some(client_frame::Frame::Read(Read {
                 session_id: "grp:7".into(),
                 seq: 11,
+                request_id: Some("r1".into()),
             })),
         };
         let decoded = ClientFrame::decode(frame.encode_to_vec().as_slice()).expect("protobuf");

@@ -1085,7 +1085,9 @@ async fn route(world: &World, user: &str, connection_id: u64) {
             chatify_core::routing::Route {
                 node_id: "gw-r".into(),
                 connection_id,
-                last_active_ms: 1,
+                connected_at_ms: storage_reader::notify::now_ms() as u64,
+                last_active_ms: storage_reader::notify::now_ms() as u64,
+                token_id: format!("jti-{user}"),
             }
             .encode(),
         )

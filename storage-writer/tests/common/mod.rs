@@ -230,7 +230,9 @@ impl Harness {
         let route = Route {
             node_id: node.to_owned(),
             connection_id,
+            connected_at_ms: now_ms() as u64,
             last_active_ms: now_ms() as u64,
+            token_id: format!("jti-{user}-{device}"),
         };
         redis::cmd("HSET")
             .arg(chatify_core::keys::user_routes(user))
