@@ -144,7 +144,11 @@ pub struct GroupArgs {
     #[arg(long, default_value_t = 64)]
     pub message_bytes: usize,
     /// storage-reader gRPC address (GroupService.CreateGroup).
-    #[arg(long, env = "LOADGEN_GRPC_ADDR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "LOADGEN_GRPC_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub grpc_addr: String,
     /// Internal caller secret of storage-reader (`CHATIFY_INTERNAL_TOKEN`); without it the
     /// group owner's JWT is the caller.
@@ -312,8 +316,8 @@ impl Target {
     }
 
     pub fn resolve(&self) -> anyhow::Result<std::net::SocketAddr> {
-        use std::net::ToSocketAddrs as _;
         use anyhow::Context as _;
+        use std::net::ToSocketAddrs as _;
         self.authority
             .to_socket_addrs()
             .with_context(|| format!("resolve {}", self.authority))?
@@ -338,7 +342,9 @@ mod tests {
             }
         );
         assert_eq!(
-            Target::parse("tcp://localhost:8081").expect("tcp").transport,
+            Target::parse("tcp://localhost:8081")
+                .expect("tcp")
+                .transport,
             Transport::Tcp
         );
         assert!(Target::parse("wss://x/ws").is_err());

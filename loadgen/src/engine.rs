@@ -45,15 +45,9 @@ pub enum Behaviour {
     /// Heartbeats only.
     Idle,
     /// `ping` at an aggregate rate (`None`: closed loop with `in_flight` outstanding).
-    Ping {
-        rate: Option<f64>,
-        in_flight: usize,
-    },
+    Ping { rate: Option<f64>, in_flight: usize },
     /// `send` at an aggregate rate to the client's target.
-    Chat {
-        rate: f64,
-        message_bytes: usize,
-    },
+    Chat { rate: f64, message_bytes: usize },
 }
 
 /// Whom a client's sends go to.
@@ -206,7 +200,12 @@ async fn run_shard(plan: Arc<Plan>, indices: Vec<usize>, progress: Arc<Progress>
     let shard = Rc::new(Shard {
         plan: Arc::clone(&plan),
         stats: RefCell::new(Stats::default()),
-        views: RefCell::new(indices.iter().map(|&i| (i, ClientView::default())).collect()),
+        views: RefCell::new(
+            indices
+                .iter()
+                .map(|&i| (i, ClientView::default()))
+                .collect(),
+        ),
         clients_running: Cell::new(indices.len()),
     });
     for index in indices {
@@ -311,11 +310,8 @@ async fn run_client(shard: Rc<Shard>, index: usize) {
         }
         let started = plan.now_ns();
         shard.stats.borrow_mut().count(Counter::ConnectAttempts, 1);
-        let connected = monoio::time::timeout(
-            plan.connect_timeout,
-            connect(&plan, index, reconnect),
-        )
-        .await;
+        let connected =
+            monoio::time::timeout(plan.connect_timeout, connect(&plan, index, reconnect)).await;
         let (stream, leftover) = match connected {
             Ok(Ok(connected)) => connected,
             Ok(Err(label)) => {
@@ -414,8 +410,8 @@ async fn connect(
     index: usize,
     reconnect: bool,
 ) -> Result<(TcpStream, BytesMut), String> {
-    let local = (!plan.local_addrs.is_empty())
-        .then(|| plan.local_addrs[index % plan.local_addrs.len()]);
+    let local =
+        (!plan.local_addrs.is_empty()).then(|| plan.local_addrs[index % plan.local_addrs.len()]);
     let stream = open_socket(plan.server, local)
         .await
         .map_err(|error| io_label("connect", &error))?;
@@ -425,7 +421,13 @@ async fn connect(
     let key = match plan.transport {
         Transport::WebSocket => {
             let key = wire::new_key(framer.rng());
-            wire::encode_upgrade_request(&plan.host, &plan.path, &key, &identity.token, &mut request);
+            wire::encode_upgrade_request(
+                &plan.host,
+                &plan.path,
+                &key,
+                &identity.token,
+                &mut request,
+            );
             Some(key)
         }
         Transport::Tcp => {
@@ -440,23 +442,22 @@ async fn connect(
     loop {
         match &key {
             Some(key) => {
-                if let Some(consumed) = wire::parse_upgrade_response(&buffer, key)
-                    .map_err(|error| error.label())?
+                if let Some(consumed) =
+                    wire::parse_upgrade_response(&buffer, key).map_err(|error| error.label())?
                 {
                     let _ = buffer.split_to(consumed);
                     return Ok((stream, buffer));
                 }
             }
             None => {
-                if let Some(payload) = wire::decode_tcp_frame(&mut buffer)
-                    .map_err(|error| error.label())?
+                if let Some(payload) =
+                    wire::decode_tcp_frame(&mut buffer).map_err(|error| error.label())?
                 {
                     return match frames::decode_protobuf(payload) {
                         Ok(server_frame::Frame::AuthOk(_)) => Ok((stream, buffer)),
-                        Ok(server_frame::Frame::Error(error)) => Err(format!(
-                            "auth:{}",
-                            error_code_name(error.code)
-                        )),
+                        Ok(server_frame::Frame::Error(error)) => {
+                            Err(format!("auth:{}", error_code_name(error.code)))
+                        }
                         Ok(_) => Err("auth:unexpected_frame".into()),
                         Err(error) => Err(error.label().into()),
                     };
@@ -586,7 +587,12 @@ fn on_message(shard: &Shard, index: usize, live: &Live, message: ServerMessage) 
         ServerMessage::Ping(payload) => {
             let mut outbox = live.outbox.borrow_mut();
             // Masks need no secrecy from our own server: a fixed one is fine here.
-            wire::encode_client_frame(wire::Opcode::Pong, &payload, [0x5a, 0x17, 0xc3, 0x08], &mut outbox);
+            wire::encode_client_frame(
+                wire::Opcode::Pong,
+                &payload,
+                [0x5a, 0x17, 0xc3, 0x08],
+                &mut outbox,
+            );
             return None;
         }
         ServerMessage::Pong(_) => return None,
@@ -639,7 +645,10 @@ fn on_message(shard: &Shard, index: usize, live: &Live, message: ServerMessage) 
         }
         server_frame::Frame::Deliver(deliver) => {
             let Some(message) = deliver.message else {
-                shard.stats.borrow_mut().error("decode:deliver_without_message");
+                shard
+                    .stats
+                    .borrow_mut()
+                    .error("decode:deliver_without_message");
                 return None;
             };
             let mut stats = shard.stats.borrow_mut();
@@ -750,9 +759,7 @@ fn start_catch_up(shard: &Shard, index: usize, live: &Live, now: u64) {
     let mut outbox = live.outbox.borrow_mut();
     let views = shard.views.borrow();
     for session in &sessions {
-        let after = views
-            .get(&index)
-            .map_or(0, |view| view.last_seq(session));
+        let after = views.get(&index).map_or(0, |view| view.last_seq(session));
         framer.push(sync_frame(session, after, plan.sync_limit), &mut outbox);
         shard.stats.borrow_mut().count(Counter::SyncRequests, 1);
     }
@@ -779,7 +786,10 @@ fn on_sync_page(
     match (has_more, last_seq) {
         (true, Some(last)) => {
             let mut framer = Framer::new(plan.transport, plan.codec, now);
-            framer.push(sync_frame(session_id, last, plan.sync_limit), &mut live.outbox.borrow_mut());
+            framer.push(
+                sync_frame(session_id, last, plan.sync_limit),
+                &mut live.outbox.borrow_mut(),
+            );
             shard.stats.borrow_mut().count(Counter::SyncRequests, 1);
             live.notify.notify();
         }
@@ -822,7 +832,12 @@ async fn write_loop<W: AsyncWriteRent>(
     let connected_at = plan.now_ns();
     let start = connected_at.max(plan.phases.load_start_ns);
     let mut schedule = match (&plan.behaviour, client.sends) {
-        (Behaviour::Ping { rate: Some(rate), .. }, _) => Some(Schedule::new(
+        (
+            Behaviour::Ping {
+                rate: Some(rate), ..
+            },
+            _,
+        ) => Some(Schedule::new(
             *rate,
             plan.senders as u64,
             index as u64,
@@ -887,7 +902,8 @@ async fn write_loop<W: AsyncWriteRent>(
                         framer.push_ping(intended as i64, &mut buffer);
                     }
                     Behaviour::Chat { message_bytes, .. } => {
-                        let frame = send_frame(plan, index, &mut rng, sent_k, intended, *message_bytes);
+                        let frame =
+                            send_frame(plan, index, &mut rng, sent_k, intended, *message_bytes);
                         sent_k += 1;
                         framer.push(frame, &mut buffer);
                     }
@@ -1011,7 +1027,10 @@ mod tests {
 
     #[test]
     fn intended_times_travel_in_ids_and_content() {
-        assert_eq!(intended_from_client_msg_id("abc.3.17.123456789"), Some(123_456_789));
+        assert_eq!(
+            intended_from_client_msg_id("abc.3.17.123456789"),
+            Some(123_456_789)
+        );
         assert_eq!(intended_from_client_msg_id("foreign-id"), None);
         let content = message_content(987_654_321, 64);
         assert_eq!(content.len(), 64);
@@ -1023,8 +1042,14 @@ mod tests {
     #[test]
     fn error_codes_use_their_json_names() {
         use chatify_proto::client::v1::ErrorCode;
-        assert_eq!(error_code_name(ErrorCode::RateLimited as i32), "rate_limited");
-        assert_eq!(error_code_name(ErrorCode::Unavailable as i32), "unavailable");
+        assert_eq!(
+            error_code_name(ErrorCode::RateLimited as i32),
+            "rate_limited"
+        );
+        assert_eq!(
+            error_code_name(ErrorCode::Unavailable as i32),
+            "unavailable"
+        );
         assert_eq!(error_code_name(999), "code_999");
     }
 

@@ -214,32 +214,36 @@ fn run_workers(
         let slot = Arc::new(Progress::default());
         progress_slots.push(Arc::clone(&slot));
         let ready_tx = ready_tx.clone();
-        readers.push(std::thread::spawn(move || -> anyhow::Result<ProcessResult> {
-            let mut result = None;
-            let mut said_ready = false;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let line = line.context("read from a worker")?;
-                if line == "READY" {
-                    said_ready = true;
-                    let _ = ready_tx.send(Ok(()));
-                } else if let Some(rest) = line.strip_prefix("PROGRESS ") {
-                    let values: Vec<u64> =
-                        rest.split(' ').filter_map(|value| value.parse().ok()).collect();
-                    if let [open, failed, sent, received] = values[..] {
-                        slot.open.store(open, Ordering::Relaxed);
-                        slot.failed.store(failed, Ordering::Relaxed);
-                        slot.sent.store(sent, Ordering::Relaxed);
-                        slot.received.store(received, Ordering::Relaxed);
+        readers.push(std::thread::spawn(
+            move || -> anyhow::Result<ProcessResult> {
+                let mut result = None;
+                let mut said_ready = false;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let line = line.context("read from a worker")?;
+                    if line == "READY" {
+                        said_ready = true;
+                        let _ = ready_tx.send(Ok(()));
+                    } else if let Some(rest) = line.strip_prefix("PROGRESS ") {
+                        let values: Vec<u64> = rest
+                            .split(' ')
+                            .filter_map(|value| value.parse().ok())
+                            .collect();
+                        if let [open, failed, sent, received] = values[..] {
+                            slot.open.store(open, Ordering::Relaxed);
+                            slot.failed.store(failed, Ordering::Relaxed);
+                            slot.sent.store(sent, Ordering::Relaxed);
+                            slot.received.store(received, Ordering::Relaxed);
+                        }
+                    } else if let Some(json) = line.strip_prefix("RESULT ") {
+                        result = Some(serde_json::from_str(json).context("worker result")?);
                     }
-                } else if let Some(json) = line.strip_prefix("RESULT ") {
-                    result = Some(serde_json::from_str(json).context("worker result")?);
                 }
-            }
-            if !said_ready {
-                let _ = ready_tx.send(Err(anyhow::anyhow!("a worker exited before READY")));
-            }
-            result.context("a worker ended without a result (see its stderr)")
-        }));
+                if !said_ready {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("a worker exited before READY")));
+                }
+                result.context("a worker ended without a result (see its stderr)")
+            },
+        ));
     }
     drop(ready_tx);
     for _ in 0..processes {
@@ -254,7 +258,9 @@ fn run_workers(
         writeln!(stdin, "GO {origin_unix_ns}").context("start a worker")?;
         stdin.flush()?;
     }
-    std::thread::sleep(Duration::from_nanos(origin_unix_ns.saturating_sub(unix_ns())));
+    std::thread::sleep(Duration::from_nanos(
+        origin_unix_ns.saturating_sub(unix_ns()),
+    ));
     let origin = Instant::now();
     let sampler = server_pid.map(|pid| RssSampler::start(pid, origin, load_end_ns(cli)));
     let display = ProgressDisplay::start(cli, origin, progress_slots);
@@ -379,9 +385,8 @@ impl RssSamples {
             rss_bytes_before: self.before,
             rss_bytes_at_load_end: self.at_load_end,
             rss_bytes_peak: self.peak,
-            rss_bytes_per_connection: (open_at_end > 0 && self.at_load_end > 0).then(|| {
-                (self.at_load_end as f64 - self.before as f64) / open_at_end as f64
-            }),
+            rss_bytes_per_connection: (open_at_end > 0 && self.at_load_end > 0)
+                .then(|| (self.at_load_end as f64 - self.before as f64) / open_at_end as f64),
         }
     }
 }
@@ -403,8 +408,11 @@ impl RssSampler {
         let at_load_end = Arc::new(AtomicU64::new(0));
         let peak = Arc::new(AtomicU64::new(before));
         let thread = {
-            let (done, at_load_end, peak) =
-                (Arc::clone(&done), Arc::clone(&at_load_end), Arc::clone(&peak));
+            let (done, at_load_end, peak) = (
+                Arc::clone(&done),
+                Arc::clone(&at_load_end),
+                Arc::clone(&peak),
+            );
             std::thread::spawn(move || {
                 let load_end = Duration::from_nanos(load_end_ns);
                 while !done.load(Ordering::Relaxed) {

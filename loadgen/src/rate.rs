@@ -18,21 +18,15 @@ pub struct Schedule {
 impl Schedule {
     /// `senders` connections share `rate_per_second`; sender `index` is offset by its share
     /// of one interval, so the aggregate stream is evenly spaced rather than bursty.
-    pub fn new(
-        rate_per_second: f64,
-        senders: u64,
-        index: u64,
-        start_ns: u64,
-        end_ns: u64,
-    ) -> Self {
+    pub fn new(rate_per_second: f64, senders: u64, index: u64, start_ns: u64, end_ns: u64) -> Self {
         let per_sender = rate_per_second / senders.max(1) as f64;
         let interval_ns = if per_sender > 0.0 {
             ((1e9 / per_sender) as u64).max(1)
         } else {
             u64::MAX
         };
-        let phase_ns = (interval_ns as f64 * (index % senders.max(1)) as f64
-            / senders.max(1) as f64) as u64;
+        let phase_ns =
+            (interval_ns as f64 * (index % senders.max(1)) as f64 / senders.max(1) as f64) as u64;
         Self {
             first_ns: start_ns.saturating_add(phase_ns),
             interval_ns,
@@ -123,12 +117,7 @@ mod tests {
         assert_eq!(
             due,
             vec![
-                1_000,
-                10_001_000,
-                20_001_000,
-                30_001_000,
-                40_001_000,
-                50_001_000
+                1_000, 10_001_000, 20_001_000, 30_001_000, 40_001_000, 50_001_000
             ]
         );
         // Capped batches keep the rest due.

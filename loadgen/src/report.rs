@@ -198,7 +198,11 @@ pub fn build(cli: &Cli, result: &ProcessResult, facts: RunFacts) -> anyhow::Resu
         processes: facts.processes,
         threads_per_process: result.threads,
         io_driver: result.io_driver.clone(),
-        source_addrs: result.source_addrs.iter().map(ToString::to_string).collect(),
+        source_addrs: result
+            .source_addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         phases_seconds: PhaseSeconds {
             ramp: facts.ramp_seconds,
             warmup: common.warmup,
@@ -386,25 +390,41 @@ pub fn write_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(plot_error)?;
     let (top, bottom) = root.split_vertically(350);
 
-    let rates: Vec<(&str, Vec<(f64, f64)>, RGBColor)> = vec![
+    let rates: Vec<(&str, Points, RGBColor)> = vec![
         (
             "sent/s",
-            report.series.iter().map(|p| (p.second as f64, p.sent as f64)).collect(),
+            report
+                .series
+                .iter()
+                .map(|p| (p.second as f64, p.sent as f64))
+                .collect(),
             BLUE,
         ),
         (
             "pongs/s",
-            report.series.iter().map(|p| (p.second as f64, p.pongs as f64)).collect(),
+            report
+                .series
+                .iter()
+                .map(|p| (p.second as f64, p.pongs as f64))
+                .collect(),
             GREEN,
         ),
         (
             "acks/s",
-            report.series.iter().map(|p| (p.second as f64, p.acks as f64)).collect(),
+            report
+                .series
+                .iter()
+                .map(|p| (p.second as f64, p.acks as f64))
+                .collect(),
             MAGENTA,
         ),
         (
             "delivers/s",
-            report.series.iter().map(|p| (p.second as f64, p.delivers as f64)).collect(),
+            report
+                .series
+                .iter()
+                .map(|p| (p.second as f64, p.delivers as f64))
+                .collect(),
             RED,
         ),
     ];
@@ -447,7 +467,7 @@ pub fn write_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
 
     let kinds: Vec<&'static str> = report.latency_us.keys().copied().collect();
     let palette = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    let mut lines: Vec<(String, Vec<(f64, f64)>, RGBColor)> = Vec::new();
+    let mut lines: Vec<(String, Points, RGBColor)> = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
         let color = palette[i % palette.len()];
         for (quantile, points) in [
@@ -456,7 +476,11 @@ pub fn write_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
                 report
                     .series
                     .iter()
-                    .filter_map(|p| p.p50_us.get(kind).map(|us| (p.second as f64, *us as f64 / 1000.0)))
+                    .filter_map(|p| {
+                        p.p50_us
+                            .get(kind)
+                            .map(|us| (p.second as f64, *us as f64 / 1000.0))
+                    })
                     .collect::<Vec<_>>(),
             ),
             (
@@ -464,7 +488,11 @@ pub fn write_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
                 report
                     .series
                     .iter()
-                    .filter_map(|p| p.p99_us.get(kind).map(|us| (p.second as f64, *us as f64 / 1000.0)))
+                    .filter_map(|p| {
+                        p.p99_us
+                            .get(kind)
+                            .map(|us| (p.second as f64, *us as f64 / 1000.0))
+                    })
                     .collect(),
             ),
         ] {
@@ -512,6 +540,9 @@ pub fn write_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
     root.present().map_err(plot_error)?;
     Ok(())
 }
+
+/// (second, value) pairs of one plotted line.
+type Points = Vec<(f64, f64)>;
 
 fn plot_error<E: std::fmt::Debug>(error: E) -> anyhow::Error {
     anyhow::anyhow!("draw plot: {error:?}")

@@ -384,8 +384,15 @@ pub fn execute(
             .cloned()
             .unwrap_or_else(|| Arc::new(Progress::default()));
         handles.push(
-            engine::spawn_shard(Arc::clone(&plan), shard, indices, prepared.driver, cpu, slot)
-                .context("start a shard thread")?,
+            engine::spawn_shard(
+                Arc::clone(&plan),
+                shard,
+                indices,
+                prepared.driver,
+                cpu,
+                slot,
+            )
+            .context("start a shard thread")?,
         );
     }
     let mut stats = Stats::default();

@@ -252,8 +252,7 @@ impl Stats {
     }
 
     pub fn get(&self, counter: Counter) -> u64 {
-        self.hot.0[counter as usize]
-            + self.counters.get(counter.name()).copied().unwrap_or(0)
+        self.hot.0[counter as usize] + self.counters.get(counter.name()).copied().unwrap_or(0)
     }
 
     /// Records a latency in µs in the run histogram and in its second of the series.

@@ -95,9 +95,11 @@ pub fn mint_identities(
 
 /// Identities from a token file (one JWT a line; blank lines and `#` comments skipped);
 /// slot `i` takes line `i`. Fails when the file has fewer tokens than slots.
-pub fn read_identities(path: &Path, slots: std::ops::Range<usize>) -> anyhow::Result<Vec<Identity>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+pub fn read_identities(
+    path: &Path,
+    slots: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Identity>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let tokens: Vec<&str> = text
         .lines()
         .map(str::trim)

@@ -466,7 +466,8 @@ mod tests {
     #[test]
     fn upgrade_answers_are_checked() {
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
-        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        let ok =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
         assert_eq!(parse_upgrade_response(ok, key), Ok(Some(ok.len() - 2)));
         assert_eq!(parse_upgrade_response(&ok[..20], key), Ok(None));

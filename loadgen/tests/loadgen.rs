@@ -37,7 +37,10 @@ fn repo_env() -> HashMap<String, String> {
         }
         dir = current.parent();
     }
-    panic!("no .local/chatify.env above {}: run scripts/services.sh up", env!("CARGO_MANIFEST_DIR"));
+    panic!(
+        "no .local/chatify.env above {}: run scripts/services.sh up",
+        env!("CARGO_MANIFEST_DIR")
+    );
 }
 
 /// A workspace binary built next to this test, in the same profile.
@@ -95,7 +98,8 @@ impl Gateway {
         let child = command.spawn().expect("spawn gateway");
         let gateway = Self { child, ws, tcp };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(ws).is_err() || std::net::TcpStream::connect(tcp).is_err()
+        while std::net::TcpStream::connect(ws).is_err()
+            || std::net::TcpStream::connect(tcp).is_err()
         {
             assert!(Instant::now() < deadline, "gateway did not listen in time");
             std::thread::sleep(Duration::from_millis(50));
@@ -194,16 +198,29 @@ fn connect_holds_every_connection_and_reports_the_servers_memory() {
     assert_eq!(result["connections"]["failed"], 0);
     assert_eq!(result["connections"]["open_at_end"], 300);
     assert_eq!(result["connections"]["dropped_early"], 0);
-    assert!(result["errors"].as_object().expect("errors").is_empty(), "{}", result["errors"]);
+    assert!(
+        result["errors"].as_object().expect("errors").is_empty(),
+        "{}",
+        result["errors"]
+    );
     // Heartbeats were answered (counted as other frames, not timed).
-    assert!(count(&result, "counts", "frames_other") >= 300, "{}", result["counts"]);
+    assert!(
+        count(&result, "counts", "frames_other") >= 300,
+        "{}",
+        result["counts"]
+    );
     let server = &result["server"];
     assert_eq!(server["pid"].as_u64(), Some(u64::from(gateway.pid())));
     assert!(server["rss_bytes_before"].as_u64().unwrap_or(0) > 0);
     assert!(server["rss_bytes_per_connection"].is_number(), "{server}");
     assert_eq!(result["latency_us"]["connect"]["count"], 300);
     // Every close at the end was answered by the gateway's 1000.
-    assert_eq!(count(&result, "closes", "1000"), 300, "{}", result["closes"]);
+    assert_eq!(
+        count(&result, "closes", "1000"),
+        300,
+        "{}",
+        result["closes"]
+    );
 }
 
 #[test]
@@ -239,7 +256,11 @@ fn ping_at_a_rate_reports_pongs_and_percentiles_on_json_and_protobuf() {
         let max = pong["max"].as_u64().expect("max");
         assert!(p50 >= 1 && p50 <= p99 && p99 <= max, "{pong}");
         assert!(result["histograms"]["pong"].is_string());
-        assert!(result["errors"].as_object().expect("errors").is_empty(), "{}", result["errors"]);
+        assert!(
+            result["errors"].as_object().expect("errors").is_empty(),
+            "{}",
+            result["errors"]
+        );
         assert!(result["series"].as_array().expect("series").len() >= 2);
     }
 }
@@ -271,7 +292,9 @@ fn ping_at_max_over_tcp_and_two_processes_merges_results() {
     let pongs = count(&result, "counts", "pongs");
     assert!(pongs > 0, "{}", result["counts"]);
     // The merged histogram holds exactly the measured pongs of both workers.
-    let timed = result["latency_us"]["pong"]["count"].as_u64().expect("count");
+    let timed = result["latency_us"]["pong"]["count"]
+        .as_u64()
+        .expect("count");
     assert!(timed > 0 && timed <= pongs);
     assert_eq!(result["source_addrs"].as_array().expect("addrs").len(), 2);
 }
@@ -292,7 +315,12 @@ fn wrong_tokens_are_reported_as_http_401() {
     ]);
     assert_eq!(result["connections"]["connected"], 0);
     assert_eq!(result["connections"]["failed"], 20);
-    assert_eq!(count(&result, "errors", "http:401"), 20, "{}", result["errors"]);
+    assert_eq!(
+        count(&result, "errors", "http:401"),
+        20,
+        "{}",
+        result["errors"]
+    );
 }
 
 /// A server that answers every connection with `answer` (after reading the request) and
@@ -370,7 +398,12 @@ fn misbehaving_servers_are_reported_by_code_and_the_run_ends() {
             "1000",
         ]);
         assert_eq!(result["connections"]["connected"], 0, "{what}");
-        assert_eq!(count(&result, "errors", expected), 10, "{what}: {}", result["errors"]);
+        assert_eq!(
+            count(&result, "errors", expected),
+            10,
+            "{what}: {}",
+            result["errors"]
+        );
     }
     // Nothing listens: refused.
     let [closed] = free_addrs();
@@ -383,7 +416,12 @@ fn misbehaving_servers_are_reported_by_code_and_the_run_ends() {
         "--duration",
         "1",
     ]);
-    assert_eq!(count(&result, "errors", "connect:refused"), 5, "{}", result["errors"]);
+    assert_eq!(
+        count(&result, "errors", "connect:refused"),
+        5,
+        "{}",
+        result["errors"]
+    );
     assert!(
         result["hints"]
             .as_array()
@@ -400,7 +438,11 @@ fn misbehaving_servers_are_reported_by_code_and_the_run_ends() {
 fn closes_and_garbage_after_the_upgrade_are_counted() {
     for (answer, section, key) in [
         (&b"\x88\x0b\x03\xf0slow down"[..], "closes", "1008"),
-        (&b"\xf1\x05hello"[..], "errors", "ws:reserved_bits_or_opcode"),
+        (
+            &b"\xf1\x05hello"[..],
+            "errors",
+            "ws:reserved_bits_or_opcode",
+        ),
         (&b"\x81\x07garbage"[..], "errors", "decode:json"),
     ] {
         let addr = upgrading_server(answer);
@@ -445,7 +487,8 @@ fn upgrading_server(after: &'static [u8]) -> SocketAddr {
                 .lines()
                 .find_map(|line| {
                     let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("sec-websocket-key").then(|| value.trim().to_owned())
+                    name.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| value.trim().to_owned())
                 })
                 .unwrap_or_default();
             let mut sha1 = sha1::Sha1::new();
