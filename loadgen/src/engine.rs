@@ -194,6 +194,8 @@ struct Shard {
     stats: RefCell<Stats>,
     views: RefCell<HashMap<usize, ClientView>>,
     clients_running: Cell<usize>,
+    /// Connections whose writer has not finished (open, as far as the end count goes).
+    writers_running: Cell<usize>,
 }
 
 async fn run_shard(plan: Arc<Plan>, indices: Vec<usize>, progress: Arc<Progress>) -> ShardResult {
@@ -207,11 +209,11 @@ async fn run_shard(plan: Arc<Plan>, indices: Vec<usize>, progress: Arc<Progress>
                 .collect(),
         ),
         clients_running: Cell::new(indices.len()),
+        writers_running: Cell::new(0),
     });
     for index in indices {
         monoio::spawn(run_client(Rc::clone(&shard), index));
     }
-    let mut snapshot_taken = false;
     loop {
         let now = plan.now_ns();
         {
@@ -228,18 +230,13 @@ async fn run_shard(plan: Arc<Plan>, indices: Vec<usize>, progress: Arc<Progress>
                 Ordering::Relaxed,
             );
         }
-        if !snapshot_taken && now >= plan.phases.load_end_ns {
-            shard.stats.borrow_mut().snapshot_open_at_end();
-            snapshot_taken = true;
-        }
         if now >= plan.phases.hard_end_ns || shard.clients_running.get() == 0 {
             break;
         }
         monoio::time::sleep(Duration::from_millis(100)).await;
     }
-    if !snapshot_taken {
-        shard.stats.borrow_mut().snapshot_open_at_end();
-    }
+    let still_open = shard.writers_running.get() as u64;
+    shard.stats.borrow_mut().add_still_open(still_open);
     let mut stats = shard.stats.replace(Stats::default());
     stats.settle();
     let views = shard.views.borrow_mut().drain().collect();
@@ -283,8 +280,9 @@ struct Live {
     /// Bytes the reader wants sent (answers to server pings, next sync pages).
     outbox: RefCell<BytesMut>,
     notify: Notify,
-    /// The reader ended (the socket is gone).
+    /// The reader ended (the socket is gone), and when (ns since the origin).
     closed: Cell<bool>,
+    closed_at_ns: Cell<u64>,
     /// We closed on purpose: the reader does not count the end as an early drop.
     closing: Cell<bool>,
     /// Closed-loop pings owed (one per pong received).
@@ -354,7 +352,17 @@ async fn run_client(shard: Rc<Shard>, index: usize) {
         } else {
             plan.clients[index].drop_at_ns
         };
+        shard.writers_running.set(shard.writers_running.get() + 1);
         let end = write_loop(&shard, index, &live, write_half, drop_at).await;
+        shard.writers_running.set(shard.writers_running.get() - 1);
+        let closed_at = if live.closed.get() {
+            live.closed_at_ns.get()
+        } else {
+            plan.now_ns()
+        };
+        if now < plan.phases.load_end_ns && closed_at >= plan.phases.load_end_ns {
+            shard.stats.borrow_mut().held_through_load_end();
+        }
         // Give the reader a moment to see the server's answer to our close.
         if !live.closed.get() {
             let _ = monoio::time::timeout(CLOSE_WAIT, reader).await;
@@ -574,6 +582,7 @@ async fn read_loop<R: AsyncReadRent>(
             stats.count(Counter::DroppedEarly, 1);
         }
     }
+    live.closed_at_ns.set(shard.plan.now_ns());
     live.closed.set(true);
     live.notify.notify();
 }

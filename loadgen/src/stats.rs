@@ -292,9 +292,15 @@ impl Stats {
         self.open_now
     }
 
-    /// Marks the end of the load phase: connections open now are reported as held.
-    pub fn snapshot_open_at_end(&mut self) {
-        self.open_at_end = self.open_now;
+    /// A connection's writer finished: it counts as open at the end of the load if it was
+    /// opened before and closed at or after it.
+    pub fn held_through_load_end(&mut self) {
+        self.open_at_end += 1;
+    }
+
+    /// The shard stops: connections whose writer never finished are still open.
+    pub fn add_still_open(&mut self, connections: u64) {
+        self.open_at_end += connections;
     }
 
     fn second(&mut self, second: usize) -> &mut Second {
