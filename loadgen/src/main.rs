@@ -84,7 +84,7 @@ fn parent_main(cli: &Cli, nofile: u64) -> anyhow::Result<()> {
     let ramp_seconds = rate::ramp_ns(common.connections as u64, common.connect_rate) as f64 / 1e9;
     let server_pid = common.server_pid;
 
-    let (result, rss) = if processes == 1 {
+    let (result, rss, server_cpu) = if processes == 1 {
         let context = RunContext {
             run_id: run_id.clone(),
             share: Share {
@@ -99,11 +99,21 @@ fn parent_main(cli: &Cli, nofile: u64) -> anyhow::Result<()> {
         let origin = Instant::now();
         let sampler = server_pid.map(|pid| RssSampler::start(pid, origin, load_end_ns(cli)));
         let display = ProgressDisplay::start(cli, origin, progress.clone());
+        let own_cpu = cpu_over_window("self".into(), origin, measured_window_ns(cli));
+        let server_cpu =
+            server_pid.map(|pid| cpu_over_window(pid.to_string(), origin, measured_window_ns(cli)));
         let result = run::execute(cli, prepared, origin, &progress);
         display.stop();
-        (result?, sampler.map(RssSampler::stop))
+        let mut result = result?;
+        result.cpu_seconds = own_cpu.join().ok().flatten().unwrap_or(0.0);
+        let server_cpu = server_cpu.and_then(|handle| handle.join().ok().flatten());
+        (result, sampler.map(RssSampler::stop), server_cpu)
     } else {
         run_workers(cli, processes, &run_id, server_pid)?
+    };
+    let cpu = report::CpuSeconds {
+        loadgen: result.cpu_seconds,
+        server: server_cpu,
     };
     let facts = report::RunFacts {
         run_id,
@@ -111,6 +121,7 @@ fn parent_main(cli: &Cli, nofile: u64) -> anyhow::Result<()> {
         processes,
         ramp_seconds,
         server: rss.map(|rss| rss.memory(result.stats.open_at_end)),
+        cpu,
     };
     let report = report::build(cli, &result, facts)?;
     print!("{}", report::table(&report));
@@ -126,11 +137,48 @@ fn parent_main(cli: &Cli, nofile: u64) -> anyhow::Result<()> {
 
 /// ns from the origin to the end of the load phase (for the RSS sample at that moment).
 fn load_end_ns(cli: &Cli) -> u64 {
+    measured_window_ns(cli).1
+}
+
+/// The measured window, in ns from the origin (as `run::execute` lays out the phases).
+fn measured_window_ns(cli: &Cli) -> (u64, u64) {
     let common = &cli.common;
-    rate::ramp_ns(common.connections as u64, common.connect_rate)
+    let start = rate::ramp_ns(common.connections as u64, common.connect_rate)
         + 500_000_000
-        + run::seconds_ns(common.warmup)
-        + run::seconds_ns(common.duration)
+        + run::seconds_ns(common.warmup);
+    (start, start + run::seconds_ns(common.duration))
+}
+
+/// user + system CPU seconds of a process so far, from /proc/PID/stat (`self` for this one).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports clock ticks of USER_HZ, 100 on every mainstream configuration.
+    Some((utime + stime) / 100.0)
+}
+
+/// Measures the CPU seconds `pid` uses over the measured window, on a thread of its own.
+fn cpu_over_window(
+    pid: String,
+    origin: Instant,
+    (from_ns, to_ns): (u64, u64),
+) -> std::thread::JoinHandle<Option<f64>> {
+    std::thread::spawn(move || {
+        let wait_until = |ns: u64| {
+            let at = Duration::from_nanos(ns);
+            let elapsed = origin.elapsed();
+            if at > elapsed {
+                std::thread::sleep(at - elapsed);
+            }
+        };
+        wait_until(from_ns);
+        let start = cpu_seconds(&pid)?;
+        wait_until(to_ns);
+        Some(cpu_seconds(&pid)? - start)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -174,10 +222,12 @@ fn worker_main(cli: &Cli, worker: usize, workers: usize) -> anyhow::Result<()> {
             }
         })
     };
+    let own_cpu = cpu_over_window("self".into(), origin, measured_window_ns(cli));
     let result = run::execute(cli, prepared, origin, &progress);
     done.store(true, Ordering::Relaxed);
     let _ = reporter.join();
-    let result = result?;
+    let mut result = result?;
+    result.cpu_seconds = own_cpu.join().ok().flatten().unwrap_or(0.0);
     println!("RESULT {}", serde_json::to_string(&result)?);
     Ok(())
 }
@@ -187,7 +237,7 @@ fn run_workers(
     processes: usize,
     run_id: &str,
     server_pid: Option<u32>,
-) -> anyhow::Result<(ProcessResult, Option<RssSamples>)> {
+) -> anyhow::Result<(ProcessResult, Option<RssSamples>, Option<f64>)> {
     let exe = std::env::current_exe().context("path of the loadgen binary")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut children = Vec::with_capacity(processes);
@@ -263,6 +313,8 @@ fn run_workers(
     ));
     let origin = Instant::now();
     let sampler = server_pid.map(|pid| RssSampler::start(pid, origin, load_end_ns(cli)));
+    let server_cpu =
+        server_pid.map(|pid| cpu_over_window(pid.to_string(), origin, measured_window_ns(cli)));
     let display = ProgressDisplay::start(cli, origin, progress_slots);
     let mut merged: Option<ProcessResult> = None;
     let mut first_error = None;
@@ -288,7 +340,8 @@ fn run_workers(
     if let Some(error) = first_error {
         return Err(error);
     }
-    Ok((merged.context("no worker result")?, rss))
+    let server_cpu = server_cpu.and_then(|handle| handle.join().ok().flatten());
+    Ok((merged.context("no worker result")?, rss, server_cpu))
 }
 
 fn sum_progress(slots: &[Arc<Progress>]) -> [u64; 4] {

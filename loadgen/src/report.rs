@@ -41,6 +41,9 @@ pub struct Report {
     pub closes: BTreeMap<String, u64>,
     pub correctness: Option<Correctness>,
     pub server: Option<ServerMemory>,
+    /// CPU seconds (user + system) over the measured window: every loadgen process, and the
+    /// `--server-pid` process.
+    pub cpu_seconds: CpuSeconds,
     pub series: Vec<SeriesPoint>,
     pub hints: Vec<String>,
     /// The full histograms (base64 hdrhistogram V2, µs), to merge runs exactly.
@@ -99,6 +102,12 @@ pub struct ServerMemory {
     pub rss_bytes_per_connection: Option<f64>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuSeconds {
+    pub loadgen: f64,
+    pub server: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct SeriesPoint {
     pub second: usize,
@@ -119,6 +128,7 @@ pub struct RunFacts {
     pub processes: usize,
     pub ramp_seconds: f64,
     pub server: Option<ServerMemory>,
+    pub cpu: CpuSeconds,
 }
 
 pub fn build(cli: &Cli, result: &ProcessResult, facts: RunFacts) -> anyhow::Result<Report> {
@@ -239,6 +249,7 @@ pub fn build(cli: &Cli, result: &ProcessResult, facts: RunFacts) -> anyhow::Resu
         closes: stats.closes.clone(),
         correctness,
         server: facts.server,
+        cpu_seconds: facts.cpu,
         series,
         hints: Vec::new(),
         histograms,
@@ -337,6 +348,20 @@ pub fn table(report: &Report) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "cpu          loadgen {:.2} s ({:.2} cores){}  over the measured window",
+        report.cpu_seconds.loadgen,
+        report.cpu_seconds.loadgen / report.phases_seconds.duration.max(1e-9),
+        report
+            .cpu_seconds
+            .server
+            .map_or_else(String::new, |server| format!(
+                "  server {:.2} s ({:.2} cores)",
+                server,
+                server / report.phases_seconds.duration.max(1e-9)
+            ))
+    );
     if let Some(correctness) = &report.correctness {
         let v = &correctness.verdict;
         let _ = writeln!(

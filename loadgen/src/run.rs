@@ -60,6 +60,9 @@ pub struct ProcessResult {
     pub source_addrs: Vec<IpAddr>,
     pub threads: usize,
     pub io_driver: String,
+    /// CPU seconds (user + system) this process used during the measured window.
+    #[serde(default)]
+    pub cpu_seconds: f64,
 }
 
 impl ProcessResult {
@@ -82,6 +85,7 @@ impl ProcessResult {
             (mine, theirs) => mine.or(theirs),
         };
         self.clients += other.clients;
+        self.cpu_seconds += other.cpu_seconds;
         self.source_addrs.extend(other.source_addrs);
         Ok(())
     }
@@ -436,6 +440,7 @@ pub fn execute(
         source_addrs: parts.local_addrs,
         threads,
         io_driver: if uring { "io_uring" } else { "epoll" }.into(),
+        cpu_seconds: 0.0,
     })
 }
 

@@ -191,6 +191,9 @@ impl Hist {
 pub struct Second {
     pub counters: BTreeMap<String, u64>,
     pub latency: BTreeMap<Latency, Hist>,
+    /// Counted while the run goes, folded into `counters` by [`Stats::settle`].
+    #[serde(skip)]
+    hot: HotCounters,
 }
 
 /// Everything one shard (or, merged, one run) measured.
@@ -243,11 +246,7 @@ impl Stats {
     pub fn count_at(&mut self, counter: Counter, by: u64, second: Option<usize>) {
         self.count(counter, by);
         if let Some(second) = second {
-            *self
-                .second(second)
-                .counters
-                .entry(counter.name().to_owned())
-                .or_default() += by;
+            self.second(second).hot.0[counter as usize] += by;
         }
     }
 
@@ -312,11 +311,9 @@ impl Stats {
 
     /// Folds the hot counters into the named map (before serializing or merging).
     pub fn settle(&mut self) {
-        for counter in Counter::ALL {
-            let value = std::mem::take(&mut self.hot.0[counter as usize]);
-            if value > 0 {
-                *self.counters.entry(counter.name().to_owned()).or_default() += value;
-            }
+        fold(&mut self.hot, &mut self.counters);
+        for second in &mut self.series {
+            fold(&mut second.hot, &mut second.counters);
         }
     }
 
@@ -353,6 +350,15 @@ impl Stats {
         // Peaks of different shards need not coincide; their sum bounds the true peak.
         self.open_peak += other.open_peak;
         Ok(())
+    }
+}
+
+fn fold(hot: &mut HotCounters, into: &mut BTreeMap<String, u64>) {
+    for counter in Counter::ALL {
+        let value = std::mem::take(&mut hot.0[counter as usize]);
+        if value > 0 {
+            *into.entry(counter.name().to_owned()).or_default() += value;
+        }
     }
 }
 

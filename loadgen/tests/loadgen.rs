@@ -213,6 +213,12 @@ fn connect_holds_every_connection_and_reports_the_servers_memory() {
     assert_eq!(server["pid"].as_u64(), Some(u64::from(gateway.pid())));
     assert!(server["rss_bytes_before"].as_u64().unwrap_or(0) > 0);
     assert!(server["rss_bytes_per_connection"].is_number(), "{server}");
+    assert!(
+        result["cpu_seconds"]["server"].is_number(),
+        "{}",
+        result["cpu_seconds"]
+    );
+    assert!(result["cpu_seconds"]["loadgen"].is_number());
     assert_eq!(result["latency_us"]["connect"]["count"], 300);
     // Every close at the end was answered by the gateway's 1000.
     assert_eq!(
