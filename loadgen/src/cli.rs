@@ -256,7 +256,10 @@ pub struct Common {
     /// Worker processes; 0 = as many as the open-file limit needs.
     #[arg(long, global = true, default_value_t = 0)]
     pub processes: usize,
-    #[arg(long, global = true, value_enum, default_value_t = IoDriver::Auto)]
+    /// monoio driver of the client shards. epoll by default: with monoio 0.2's io_uring
+    /// driver, timers and connects stalled for seconds once thousands of sockets were open
+    /// (docs/BENCHMARKS.md), which would break the open-loop schedule.
+    #[arg(long, global = true, value_enum, default_value_t = IoDriver::Legacy)]
     pub io_driver: IoDriver,
     /// Sample this PID's RSS from /proc once a second (the server's memory per connection).
     #[arg(long, global = true)]

@@ -1,4 +1,4 @@
-//! The load engine: one monoio runtime per client shard thread (io_uring where available),
+//! The load engine: one monoio runtime per client shard thread (epoll or io_uring driver),
 //! each owning its clients, their sockets, buffers and measurements (`Rc`/`RefCell`,
 //! nothing shared between shards but the read-only [`Plan`]). A client connects at its slot
 //! of the ramp (bound to one of the source addresses, round robin), authenticates, and then
