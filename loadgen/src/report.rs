@@ -69,7 +69,7 @@ pub struct Connections {
     pub dropped_early: u64,
     pub dropped_on_purpose: u64,
     pub open_at_end: u64,
-    /// Connections opened per second over the ramp.
+    /// First connections opened per second over the ramp (over 1 s when the ramp is shorter).
     pub connect_rate_per_second: f64,
 }
 
@@ -228,11 +228,10 @@ pub fn build(cli: &Cli, result: &ProcessResult, facts: RunFacts) -> anyhow::Resu
             dropped_early: stats.get(Counter::DroppedEarly),
             dropped_on_purpose: stats.get(Counter::DroppedOnPurpose),
             open_at_end: stats.open_at_end,
-            connect_rate_per_second: if facts.ramp_seconds > 0.0 {
-                connected as f64 / facts.ramp_seconds
-            } else {
-                connected as f64
-            },
+            // First connections only: reconnects (`sync`) are not part of the ramp.
+            connect_rate_per_second: connected.saturating_sub(stats.get(Counter::Reconnected))
+                as f64
+                / facts.ramp_seconds.max(1.0),
         },
         counts: Counter::ALL
             .iter()
