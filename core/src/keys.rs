@@ -52,6 +52,14 @@ pub fn user_cursors(user_id: &str) -> String {
     format!("chatify:cursor:{user_id}")
 }
 
+/// What one user's pages of one session leave out: a sorted set holding the member
+/// `cleared` scored by the clear watermark, one member per hidden (deleted-for-me) message,
+/// its seq as member and score, and `built` once the set was filled from Postgres (a set
+/// without it is partial: rebuild). Tagged by the session so it shares the session's slot.
+pub fn user_marks(session: &SessionId, user_id: &str) -> String {
+    format!("chatify:marks:{{{session}}}:{user_id}")
+}
+
 /// A user's sessions by last activity: sorted set of session id scored by updated_at ms.
 pub fn user_sessions(user_id: &str) -> String {
     format!("chatify:sessions:{user_id}")
@@ -76,6 +84,7 @@ mod tests {
             session_members(&SessionId::Group("g1".into())),
             "chatify:members:{grp:g1}"
         );
+        assert_eq!(user_marks(&session, "a"), "chatify:marks:{p2p:a:b}:a");
     }
 
     #[test]

@@ -106,6 +106,20 @@ pub async fn lookup_routes<C: ConnectionLike>(
     connection: &mut C,
     user_ids: &[&str],
 ) -> redis::RedisResult<Vec<Vec<Route>>> {
+    Ok(lookup_device_routes(connection, user_ids)
+        .await?
+        .into_iter()
+        .map(|devices| devices.into_iter().map(|(_, route)| route).collect())
+        .collect())
+}
+
+/// [`lookup_routes`] keeping each route's device id (the field of the user's route hash):
+/// one list of `(device_id, route)` per user, in the order given, with the same skipping of
+/// undecodable and stale routes.
+pub async fn lookup_device_routes<C: ConnectionLike>(
+    connection: &mut C,
+    user_ids: &[&str],
+) -> redis::RedisResult<Vec<Vec<(String, Route)>>> {
     if user_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -123,7 +137,7 @@ pub async fn lookup_routes<C: ConnectionLike>(
                 .into_iter()
                 .filter_map(|(device_id, value)| match Route::decode(&value) {
                     Ok(route) if route.is_stale(now_ms) => None,
-                    Ok(route) => Some(route),
+                    Ok(route) => Some((device_id, route)),
                     Err(error) => {
                         tracing::warn!(%error, user_id, device_id, "skipping malformed route");
                         None

@@ -52,6 +52,14 @@ pub struct Config {
         default_value = "postgres"
     )]
     pub archive: crate::store::ArchiveStore,
+    /// How long a user's clear watermark and hidden seqs of a session stay in Redis after
+    /// their last rebuild from Postgres or change, in seconds (a read after that rebuilds).
+    #[arg(
+        long,
+        env = "CHATIFY_READER_MARKS_TTL_SECONDS",
+        default_value_t = 86_400
+    )]
+    pub marks_ttl_seconds: u64,
 }
 
 impl Config {
@@ -74,6 +82,12 @@ impl Config {
             return Err(ConfigError::new(
                 "CHATIFY_INTERNAL_TOKEN",
                 format!("must be at least {JWT_SECRET_BYTES_MIN} bytes"),
+            ));
+        }
+        if self.marks_ttl_seconds == 0 {
+            return Err(ConfigError::new(
+                "CHATIFY_READER_MARKS_TTL_SECONDS",
+                "must be at least 1",
             ));
         }
         if self.group_members_max < 2 {

@@ -45,15 +45,34 @@ impl Gatekeeper {
 
     /// The user the call is made for.
     pub async fn caller(&self, metadata: &MetadataMap) -> Result<String, ReaderError> {
+        let verified = self.verify(metadata)?;
+        self.check_revocation(&verified).await?;
+        Ok(verified.user_id)
+    }
+
+    /// Fails if a token caller's token is on the deny-list.
+    pub async fn check_revocation(&self, verified: &Verified) -> Result<(), ReaderError> {
+        let Some(key) = &verified.revocation_key else {
+            return Ok(());
+        };
+        let mut redis = self.redis.clone();
+        let revoked: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut redis)
+            .await?;
+        if revoked {
+            return Err(revoked_error());
+        }
+        Ok(())
+    }
+
+    /// The caller's credentials checked without I/O: the internal secret, or the client
+    /// token's signature and claims. A token caller is not done until its
+    /// [`Verified::revocation_key`] is known to be absent (see [`Gatekeeper::caller`]; a
+    /// query checks it in the pipeline that reads its page).
+    pub fn verify(&self, metadata: &MetadataMap) -> Result<Verified, ReaderError> {
         if let Some(presented) = metadata.get(INTERNAL_TOKEN_HEADER) {
-            let Some(expected) = &self.internal_token else {
-                return Err(ReaderError::Unauthenticated(
-                    "internal callers are not enabled (CHATIFY_INTERNAL_TOKEN is unset)".into(),
-                ));
-            };
-            if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-                return Err(ReaderError::Unauthenticated("bad internal token".into()));
-            }
+            self.check_internal_token(presented.as_bytes())?;
             let user = metadata
                 .get(INTERNAL_USER_HEADER)
                 .and_then(|value| value.to_str().ok())
@@ -65,7 +84,10 @@ impl Gatekeeper {
             ids::validate_id(user).map_err(|error| {
                 ReaderError::InvalidArgument(format!("{INTERNAL_USER_HEADER}: {error}"))
             })?;
-            return Ok(user.to_owned());
+            return Ok(Verified {
+                user_id: user.to_owned(),
+                revocation_key: None,
+            });
         }
         let header = metadata
             .get("authorization")
@@ -83,16 +105,53 @@ impl Gatekeeper {
             .authenticator
             .verify(token.trim())
             .map_err(|error| ReaderError::Unauthenticated(error.to_string()))?;
-        let mut redis = self.redis.clone();
-        let revoked: bool = redis::cmd("EXISTS")
-            .arg(keys::revoked_token(&identity.jti))
-            .query_async(&mut redis)
-            .await?;
-        if revoked {
-            return Err(ReaderError::Unauthenticated("token revoked".into()));
-        }
-        Ok(identity.user_id)
+        Ok(Verified {
+            user_id: identity.user_id,
+            revocation_key: Some(keys::revoked_token(&identity.jti)),
+        })
     }
+
+    /// Admits trusted internal callers only (`x-chatify-internal-token`, no user needed):
+    /// a valid client token is PermissionDenied, no credential or a bad one Unauthenticated.
+    pub async fn require_internal(&self, metadata: &MetadataMap) -> Result<(), ReaderError> {
+        if let Some(presented) = metadata.get(INTERNAL_TOKEN_HEADER) {
+            return self.check_internal_token(presented.as_bytes());
+        }
+        if metadata.get("authorization").is_none() {
+            return Err(ReaderError::Unauthenticated(format!(
+                "this service is for internal callers: missing {INTERNAL_TOKEN_HEADER}"
+            )));
+        }
+        let user = self.caller(metadata).await?;
+        Err(ReaderError::PermissionDenied(format!(
+            "{user} is a client; this service is for internal callers ({INTERNAL_TOKEN_HEADER})"
+        )))
+    }
+
+    fn check_internal_token(&self, presented: &[u8]) -> Result<(), ReaderError> {
+        let Some(expected) = &self.internal_token else {
+            return Err(ReaderError::Unauthenticated(
+                "internal callers are not enabled (CHATIFY_INTERNAL_TOKEN is unset)".into(),
+            ));
+        };
+        if !constant_time_eq(presented, expected.as_bytes()) {
+            return Err(ReaderError::Unauthenticated("bad internal token".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A caller whose credentials verified (signature, claims or internal secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub user_id: String,
+    /// Deny-list key of the client token's `jti` (None for internal callers).
+    pub revocation_key: Option<String>,
+}
+
+/// What a caller whose token is on the deny-list gets.
+pub fn revoked_error() -> ReaderError {
+    ReaderError::Unauthenticated("token revoked".into())
 }
 
 /// A request's own `user_id` field may only name the caller (or be empty).

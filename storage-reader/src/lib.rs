@@ -1,8 +1,10 @@
 //! storage-reader: the tonic gRPC service for history queries, get, delete, recall,
 //! mark-read, clear, session lists and group management (SPEC §5). This crate owns the
 //! service: caller identity ([`identity`]), the store reads and per-user writes
-//! ([`store`]), the RPCs ([`service`], [`group`]), the pushes and events they publish ([`notify`]) and the one error-to-status mapping ([`error`]), plus
-//! gRPC reflection and the standard health service.
+//! ([`store`]), the RPCs ([`service`], [`group`], and [`admin`] for internal callers:
+//! token revocation and device kicks), the pushes and events they publish ([`notify`]) and
+//! the one error-to-status mapping ([`error`]), plus gRPC reflection and the standard
+//! health service.
 
 /// One RPC: authenticate the caller, run the body for them, map errors to statuses.
 macro_rules! rpc {
@@ -20,6 +22,7 @@ macro_rules! rpc {
     }};
 }
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod group;

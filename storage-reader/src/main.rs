@@ -1,5 +1,6 @@
 use anyhow::Context as _;
 use chatify_core::stores::Stores;
+use chatify_proto::storage::v1::admin_service_server::AdminServiceServer;
 use chatify_proto::storage::v1::group_service_server::GroupServiceServer;
 use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
 use storage_reader::config::Config;
@@ -53,12 +54,18 @@ async fn main() -> anyhow::Result<()> {
         },
         recall_window_ms: (config.recall_window_seconds * 1000) as i64,
         archive: config.archive,
+        marks_ttl_seconds: config.marks_ttl_seconds,
     };
     let groups = storage_reader::group::Groups {
         gatekeeper: storage.gatekeeper.clone(),
         postgres: stores.postgres.clone(),
-        redis,
+        redis: redis.clone(),
         members_max: config.group_members_max,
+    };
+    let admin_service = storage_reader::admin::Admin {
+        gatekeeper: storage.gatekeeper.clone(),
+        redis,
+        notifier: storage.notifier.clone(),
     };
     let sweeper = tokio::spawn(storage_reader::store::burn_sweeper(
         storage.postgres.clone(),
@@ -71,6 +78,12 @@ async fn main() -> anyhow::Result<()> {
     health
         .set_serving::<StorageServiceServer<storage_reader::service::Storage>>()
         .await;
+    health
+        .set_serving::<GroupServiceServer<storage_reader::group::Groups>>()
+        .await;
+    health
+        .set_serving::<AdminServiceServer<storage_reader::admin::Admin>>()
+        .await;
     tracing::info!(grpc = %config.grpc_addr, "storage-reader started");
     let grpc_shutdown = shutdown.clone();
     let grpc = tokio::spawn(
@@ -78,9 +91,10 @@ async fn main() -> anyhow::Result<()> {
             .add_service(health_service)
             .add_service(StorageServiceServer::new(storage))
             .add_service(GroupServiceServer::new(groups))
+            .add_service(AdminServiceServer::new(admin_service))
             .add_service(storage_reader::reflection_service()?)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async move { grpc_shutdown.cancelled().await },
             ),
     );

@@ -1,7 +1,8 @@
 //! What the reader tells online clients and other services after a command: `recalled` and
 //! `read_receipt` frames pushed to the members' live connections, one push record per
-//! gateway node (as the writer publishes them), and a message event. Records are keyed by
-//! session id, so a gateway sees one session's pushes in order.
+//! gateway node (as the writer publishes them), and a message event; and the `kicked`
+//! pushes of [`crate::admin`]. Records are keyed by session id (kicks: by user id), so a
+//! gateway sees one session's pushes in order.
 
 use chatify_core::ids::SessionId;
 use chatify_core::routing;
@@ -59,32 +60,62 @@ impl Notifier {
         event: MessageEvent,
     ) -> Result<(), ReaderError> {
         let by_node = routing::lookup_by_node(redis, users).await?;
-        let key = session.to_string();
-        let mut records = Vec::with_capacity(by_node.len() + 1);
-        for (node, targets) in by_node {
-            let record = PushRecord {
-                connection_ids: targets.connection_ids,
-                user_ids: Vec::new(),
-                frame: Some(frame.clone()),
-                close_code: None,
-            };
-            records.push((self.topics.push(&node), record.encode_to_vec()));
-        }
+        let mut records: Vec<(String, Vec<u8>)> = by_node
+            .into_iter()
+            .map(|(node, targets)| {
+                let record = PushRecord {
+                    connection_ids: targets.connection_ids,
+                    user_ids: Vec::new(),
+                    frame: Some(frame.clone()),
+                    close_code: None,
+                };
+                (self.topics.push(&node), record.encode_to_vec())
+            })
+            .collect();
+        let pushes = records.len();
         records.push((self.topics.message_events(), event.encode_to_vec()));
+        self.send(&session.to_string(), &records, pushes).await?;
+        Ok(())
+    }
+
+    /// Publishes one push record per gateway node (`node`, record), keyed by `key`; waits
+    /// for the broker. Returns whether each record was delivered (false: the node has no
+    /// push topic, a stale route).
+    pub async fn push(
+        &self,
+        key: &str,
+        records: Vec<(String, PushRecord)>,
+    ) -> Result<Vec<bool>, ReaderError> {
+        let records: Vec<(String, Vec<u8>)> = records
+            .into_iter()
+            .map(|(node, record)| (self.topics.push(&node), record.encode_to_vec()))
+            .collect();
+        self.send(key, &records, records.len()).await
+    }
+
+    /// Sends `(topic, payload)` records keyed by `key` and waits for every acknowledgement.
+    /// The first `pushes` records are gateway pushes: one to a topic that does not exist is
+    /// dropped (counted, reported false); any other failure is Unavailable.
+    async fn send(
+        &self,
+        key: &str,
+        records: &[(String, Vec<u8>)],
+        pushes: usize,
+    ) -> Result<Vec<bool>, ReaderError> {
         let sends = records.iter().map(|(topic, payload)| {
             self.producer.send(
-                FutureRecord::to(topic).key(&key).payload(payload),
+                FutureRecord::to(topic).key(key).payload(payload),
                 PRODUCE_TIMEOUT,
             )
         });
-        let pushes = records.len() - 1;
+        let mut delivered = Vec::with_capacity(records.len());
         for (index, result) in futures::future::join_all(sends)
             .await
             .into_iter()
             .enumerate()
         {
             match result {
-                Ok(_) => {}
+                Ok(_) => delivered.push(true),
                 // A route naming a gateway node with no topic (a stale route): that node
                 // cannot be reached; its clients catch up with `sync`.
                 Err((error, _))
@@ -99,6 +130,7 @@ impl Notifier {
                 {
                     tracing::warn!(topic = %records[index].0, "dropping a push to a gateway node with no topic");
                     metrics::counter!("chatify_reader_pushes_dropped_total").increment(1);
+                    delivered.push(false);
                 }
                 Err((error, _)) => {
                     return Err(ReaderError::Unavailable {
@@ -108,7 +140,7 @@ impl Notifier {
                 }
             }
         }
-        Ok(())
+        Ok(delivered)
     }
 }
 

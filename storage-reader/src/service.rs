@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 use crate::error::ReaderError;
-use crate::identity::{Gatekeeper, check_user_field};
+use crate::identity::{Gatekeeper, Verified, check_user_field, revoked_error};
 use crate::notify::{self, Notifier};
 use crate::store::{self, SeqPage};
 
@@ -39,6 +39,9 @@ pub struct Storage {
     pub recall_window_ms: i64,
     /// Which store serves pages the hot cache cannot.
     pub archive: store::ArchiveStore,
+    /// Life of a user's marks of a session in Redis ([`chatify_core::keys::user_marks`]),
+    /// from their last rebuild or change, in seconds.
+    pub marks_ttl_seconds: u64,
 }
 
 fn session_arg(text: &str) -> Result<SessionId, ReaderError> {
@@ -73,15 +76,14 @@ fn cursor_arg(cursor: &str) -> Result<Option<u64>, ReaderError> {
 impl Storage {
     async fn query(
         &self,
-        caller: &str,
+        caller: &Verified,
         request: QueryMessagesRequest,
     ) -> Result<QueryMessagesResponse, ReaderError> {
-        check_user_field(caller, &request.user_id)?;
+        let user = caller.user_id.as_str();
+        check_user_field(user, &request.user_id)?;
         let session = session_arg(&request.session_id)?;
         let limit = limit_arg(request.limit)?;
         let cursor = cursor_arg(&request.cursor)?;
-        store::require_member(&self.postgres, &session, caller).await?;
-        let mut redis = self.redis.clone();
         let backward = Direction::try_from(request.direction) == Ok(Direction::Backward);
         let page = match request.range {
             Some(query_messages_request::Range::Time(range)) => {
@@ -95,11 +97,14 @@ impl Storage {
                         "time range end_ms must be after start_ms".into(),
                     ));
                 }
-                let state = store::user_state(&self.postgres, &mut redis, caller, &session).await?;
+                self.gatekeeper.check_revocation(caller).await?;
+                store::require_member(&self.postgres, &session, user).await?;
+                let mut redis = self.redis.clone();
+                let state = store::user_state(&self.postgres, &mut redis, user, &session).await?;
                 let after = cursor.unwrap_or(0).max(state.cleared_seq);
                 let mut messages = store::time_page(
                     &self.postgres,
-                    caller,
+                    user,
                     &session,
                     (range.start_ms, range.end_ms),
                     after,
@@ -128,41 +133,23 @@ impl Storage {
                         "empty seq range: after {after}, before {before}"
                     )));
                 }
-                // The cursor continues the page in its direction; the clear watermark hides
-                // everything up to it.
+                // The cursor continues the page in its direction.
                 let (after, before) = match (backward, cursor) {
                     (false, Some(cursor)) => (cursor.max(after), before),
                     (true, Some(cursor)) => (after, cursor),
                     (_, None) => (after, before),
                 };
-                // One Postgres query for the caller's clear watermark and hidden seqs.
-                let marks =
-                    store::page_marks(&self.postgres, caller, &session, after, before).await?;
-                let page = SeqPage {
-                    after: after.max(marks.cleared_seq),
-                    before,
-                    backward,
-                    limit,
-                };
-                if page.before != 0 && page.before <= page.after + 1 {
-                    store::Page {
-                        messages: Vec::new(),
-                        has_more: false,
-                        last_seq: None,
-                        source: store::Source::Cache,
-                    }
-                } else {
-                    store::seq_page(
-                        &self.postgres,
-                        &self.mongo,
-                        self.archive,
-                        &mut redis,
-                        &marks.hidden,
-                        &session,
-                        page,
-                    )
-                    .await?
-                }
+                self.seq_query(
+                    caller,
+                    &session,
+                    SeqPage {
+                        after,
+                        before,
+                        backward,
+                        limit,
+                    },
+                )
+                .await?
             }
         };
         let next_cursor = match (page.has_more, page.last_seq) {
@@ -174,6 +161,121 @@ impl Storage {
             next_cursor,
             has_more: page.has_more,
         })
+    }
+
+    /// A seq page. One pipelined Redis round trip reads everything a cache hit needs: the
+    /// token's deny-list entry, a group's cached members, the caller's marks (clear
+    /// watermark, hidden seqs) and the cached window; Postgres is asked only when Redis
+    /// lacks something (members or marks not cached, the page not in the hot cache). A
+    /// forward page starting below the caller's clear watermark reads its window again
+    /// from the watermark (a second round trip).
+    async fn seq_query(
+        &self,
+        caller: &Verified,
+        session: &SessionId,
+        page: SeqPage,
+    ) -> Result<store::Page, ReaderError> {
+        let user = caller.user_id.as_str();
+        let mut pipe = redis::pipe();
+        if let Some(key) = &caller.revocation_key {
+            pipe.cmd("EXISTS").arg(key);
+        }
+        if session.is_group() {
+            store::add_member_read(&mut pipe, session, user);
+        }
+        store::add_marks_read(&mut pipe, user, session, page.after, page.before);
+        store::add_window_read(&mut pipe, session, page);
+        let mut redis = self.redis.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || {
+            replies.next().ok_or_else(|| ReaderError::Unavailable {
+                store: "redis",
+                reason: "pipeline answered too few replies".into(),
+            })
+        };
+        if caller.revocation_key.is_some() {
+            let revoked: bool = redis::from_redis_value(next()?)?;
+            if revoked {
+                return Err(revoked_error());
+            }
+        }
+        let membership = if session.is_group() {
+            let is_member: bool = redis::from_redis_value(next()?)?;
+            let members: u64 = redis::from_redis_value(next()?)?;
+            store::cached_membership(session, user, is_member, members)
+        } else {
+            store::member_by_id(session, user)
+        };
+        match membership {
+            Some(known) => known?,
+            None => store::require_member(&self.postgres, session, user).await?,
+        }
+        let scores: Vec<Option<f64>> = redis::from_redis_value(next()?)?;
+        let members: Vec<String> = redis::from_redis_value(next()?)?;
+        let lowest: store::LowestEntry = redis::from_redis_value(next()?)?;
+        let cached: Vec<Vec<u8>> = redis::from_redis_value(next()?)?;
+        let marks = match store::marks_from(&scores, members) {
+            Some(marks) => marks,
+            None => {
+                store::rebuild_marks(
+                    &self.postgres,
+                    &mut redis,
+                    user,
+                    session,
+                    (page.after, page.before),
+                    self.marks_ttl_seconds,
+                )
+                .await?
+            }
+        };
+        // The clear watermark hides everything up to it.
+        let clamped = SeqPage {
+            after: page.after.max(marks.cleared_seq),
+            ..page
+        };
+        if clamped.before != 0 && clamped.before <= clamped.after + 1 {
+            return Ok(store::Page {
+                messages: Vec::new(),
+                has_more: false,
+                last_seq: None,
+                source: store::Source::Cache,
+            });
+        }
+        let cached = if clamped.after == page.after {
+            if store::cache_serves(page, &lowest, cached.len()) {
+                Some(store::decode_window(session, cached)?)
+            } else {
+                None
+            }
+        } else if page.backward {
+            // Read from the top down: what the watermark hides is the window's tail, and
+            // the rest is exactly the window from the watermark.
+            let mut window = store::decode_window(session, cached)?;
+            window.retain(|message| message.seq > clamped.after);
+            store::cache_serves(clamped, &lowest, window.len()).then_some(window)
+        } else {
+            return store::seq_page(
+                &self.postgres,
+                &self.mongo,
+                self.archive,
+                &mut redis,
+                &marks.hidden,
+                session,
+                clamped,
+            )
+            .await;
+        };
+        store::page_from(
+            &self.postgres,
+            &self.mongo,
+            self.archive,
+            session,
+            clamped,
+            &marks.hidden,
+            cached,
+        )
+        .await
     }
 
     async fn get(
@@ -215,6 +317,9 @@ impl Storage {
             })?;
         let session = session_arg(&message.session_id)?;
         store::require_member(&self.postgres, &session, caller).await?;
+        // Redis marks: dropped first, written through after Postgres (see store::forget_marks).
+        let mut redis = self.redis.clone();
+        store::forget_marks(&mut redis, caller, &session).await?;
         sqlx::query(
             "INSERT INTO message_hides (user_id, message_id, session_id, seq, reason) \
              VALUES ($1, $2, $3, $4, 'deleted') ON CONFLICT (user_id, message_id) DO NOTHING",
@@ -224,6 +329,14 @@ impl Storage {
         .bind(session.to_string())
         .bind(message.seq as i64)
         .execute(&self.postgres)
+        .await?;
+        store::note_hidden(
+            &mut redis,
+            caller,
+            &session,
+            message.seq,
+            self.marks_ttl_seconds,
+        )
         .await?;
         Ok(DeleteMessageResponse {})
     }
@@ -238,6 +351,7 @@ impl Storage {
         store::require_member(&self.postgres, &session, caller).await?;
         let mut redis = self.redis.clone();
         let last = store::last_seq(&self.postgres, &mut redis, &session).await?;
+        store::forget_marks(&mut redis, caller, &session).await?;
         // A watermark, not a rewrite: everything up to `last` is hidden for this user only.
         let (cleared,): (i64,) = sqlx::query_as(
             "INSERT INTO user_session_state (user_id, session_id, cleared_seq, read_seq) \
@@ -251,6 +365,14 @@ impl Storage {
         .bind(session.to_string())
         .bind(last as i64)
         .fetch_one(&self.postgres)
+        .await?;
+        store::note_cleared(
+            &mut redis,
+            caller,
+            &session,
+            cleared as u64,
+            self.marks_ttl_seconds,
+        )
         .await?;
         Ok(ClearSessionResponse {
             cleared_through_seq: cleared as u64,
@@ -443,7 +565,12 @@ impl StorageService for Storage {
         &self,
         request: Request<QueryMessagesRequest>,
     ) -> Result<Response<QueryMessagesResponse>, Status> {
-        rpc!(self, request, query)
+        // Credentials are checked here; the deny-list entry in the page's own round trip.
+        let caller = self.gatekeeper.verify(request.metadata())?;
+        self.query(&caller, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn get_message(

@@ -17,14 +17,8 @@ pub async fn require_member(
     session: &SessionId,
     user: &str,
 ) -> Result<(), ReaderError> {
-    if let SessionId::Single { lo, hi } = session {
-        return if user == lo || user == hi {
-            Ok(())
-        } else {
-            Err(ReaderError::PermissionDenied(format!(
-                "{user} is not a member of {session}"
-            )))
-        };
+    if let Some(known) = member_by_id(session, user) {
+        return known;
     }
     let (exists, member): (bool, bool) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id = $1), \
@@ -38,10 +32,49 @@ pub async fn require_member(
         (false, _) => Err(ReaderError::NotFound(format!(
             "session {session} does not exist"
         ))),
-        (true, false) => Err(ReaderError::PermissionDenied(format!(
-            "{user} is not a member of {session}"
-        ))),
+        (true, false) => Err(not_member(session, user)),
         (true, true) => Ok(()),
+    }
+}
+
+/// Membership known from the session id alone: a single chat's two members; None for a
+/// group.
+pub fn member_by_id(session: &SessionId, user: &str) -> Option<Result<(), ReaderError>> {
+    let SessionId::Single { lo, hi } = session else {
+        return None;
+    };
+    Some(if user == lo || user == hi {
+        Ok(())
+    } else {
+        Err(not_member(session, user))
+    })
+}
+
+fn not_member(session: &SessionId, user: &str) -> ReaderError {
+    ReaderError::PermissionDenied(format!("{user} is not a member of {session}"))
+}
+
+/// Adds the read of a group's members from the writer's members cache
+/// ([`keys::session_members`]): `SISMEMBER`, then `SCARD`. Decode with
+/// [`cached_membership`].
+pub fn add_member_read(pipe: &mut redis::Pipeline, session: &SessionId, user: &str) {
+    let key = keys::session_members(session);
+    pipe.cmd("SISMEMBER").arg(&key).arg(user);
+    pipe.cmd("SCARD").arg(&key);
+}
+
+/// Membership from the replies of [`add_member_read`]: None when the cache does not hold
+/// the group (the writer never caches an empty set), so ask Postgres ([`require_member`]).
+pub fn cached_membership(
+    session: &SessionId,
+    user: &str,
+    is_member: bool,
+    members: u64,
+) -> Option<Result<(), ReaderError>> {
+    match (members, is_member) {
+        (0, _) => None,
+        (_, true) => Some(Ok(())),
+        (_, false) => Some(Err(not_member(session, user))),
     }
 }
 
@@ -145,7 +178,7 @@ pub struct SeqPage {
 }
 
 /// `ZRANGE key 0 0 WITHSCORES`: the oldest cached entry and its seq, if any.
-type LowestEntry = Vec<(Vec<u8>, f64)>;
+pub type LowestEntry = Vec<(Vec<u8>, f64)>;
 
 /// Where a page came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +220,20 @@ pub async fn seq_page(
     session: &SessionId,
     page: SeqPage,
 ) -> Result<Page, ReaderError> {
+    let mut pipe = redis::pipe();
+    add_window_read(&mut pipe, session, page);
+    let (lowest, cached): (LowestEntry, Vec<Vec<u8>>) = pipe.query_async(redis).await?;
+    let cached = if cache_serves(page, &lowest, cached.len()) {
+        Some(decode_window(session, cached)?)
+    } else {
+        None
+    };
+    page_from(postgres, mongo, archive, session, page, hidden, cached).await
+}
+
+/// Adds the two reads that decide whether the hot cache can serve `page` (its oldest entry)
+/// and the cached window itself (`page.limit + 1` entries), in that order.
+pub fn add_window_read(pipe: &mut redis::Pipeline, session: &SessionId, page: SeqPage) {
     let hot = keys::session_hot_cache(session);
     let want = page.limit + 1;
     let upper = if page.before == 0 {
@@ -195,7 +242,6 @@ pub async fn seq_page(
         format!("({}", page.before)
     };
     let lower = format!("({}", page.after);
-    let mut pipe = redis::pipe();
     pipe.cmd("ZRANGE").arg(&hot).arg(0).arg(0).arg("WITHSCORES");
     if page.backward {
         pipe.cmd("ZREVRANGEBYSCORE")
@@ -214,27 +260,55 @@ pub async fn seq_page(
             .arg(0)
             .arg(want);
     }
-    let (lowest, cached): (LowestEntry, Vec<Vec<u8>>) = pipe.query_async(redis).await?;
-    let cache_min = lowest.first().map(|(_, score)| *score as u64);
-    let served_by_cache = match cache_min {
-        None => false,
-        // Forward: every seq above `after` is cached.
-        Some(min) if !page.backward => page.after + 1 >= min,
-        // Backward: a full page from the cache, or the cache reaches down to `after`.
-        Some(min) => cached.len() == want || page.after + 1 >= min,
+}
+
+/// Whether the hot cache holds every seq `page` can reach, given its oldest entry and the
+/// length of the window it returned for `page`.
+pub fn cache_serves(page: SeqPage, lowest: &LowestEntry, window_len: usize) -> bool {
+    let Some(min) = lowest.first().map(|(_, score)| *score as u64) else {
+        return false;
     };
-    let (mut window, source) = if served_by_cache {
-        let mut messages = Vec::with_capacity(cached.len());
-        for bytes in cached {
-            let message = ChatMessage::decode(bytes.as_slice()).map_err(|error| {
-                ReaderError::Unavailable {
-                    store: "redis",
-                    reason: format!("undecodable hot-cache entry in {hot}: {error}"),
-                }
-            })?;
-            messages.push(message);
-        }
-        (messages, Source::Cache)
+    if page.backward {
+        // A full page from the cache, or the cache reaches down to `after`.
+        window_len == page.limit + 1 || page.after + 1 >= min
+    } else {
+        // Every seq above `after` is cached.
+        page.after + 1 >= min
+    }
+}
+
+/// Hot-cache entries decoded.
+pub fn decode_window(
+    session: &SessionId,
+    cached: Vec<Vec<u8>>,
+) -> Result<Vec<ChatMessage>, ReaderError> {
+    cached
+        .into_iter()
+        .map(|bytes| {
+            ChatMessage::decode(bytes.as_slice()).map_err(|error| ReaderError::Unavailable {
+                store: "redis",
+                reason: format!(
+                    "undecodable hot-cache entry in {}: {error}",
+                    keys::session_hot_cache(session)
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The page from the cached window when there is one (see [`cache_serves`]), else from the
+/// archive; the user's `hidden` seqs removed after the window is cut.
+pub async fn page_from(
+    postgres: &PgPool,
+    mongo: &mongodb::Collection<mongodb::bson::Document>,
+    archive: ArchiveStore,
+    session: &SessionId,
+    page: SeqPage,
+    hidden: &[u64],
+    cached: Option<Vec<ChatMessage>>,
+) -> Result<Page, ReaderError> {
+    let (mut window, source) = if let Some(cached) = cached {
+        (cached, Source::Cache)
     } else {
         let messages = match archive {
             ArchiveStore::Postgres => postgres_window(postgres, session, page).await?,
@@ -392,39 +466,174 @@ pub async fn message_by_id(
     Ok(row.map(|row| (row.row.into_message(), row.hidden)))
 }
 
-/// What a user's page must leave out: the clear watermark and the hidden (deleted for me,
-/// burned) seqs in `(after, before)` (`before` 0 = no bound).
+/// What a user's page must leave out: the clear watermark and the hidden (deleted for me)
+/// seqs in `(after, before)` (`before` 0 = no bound).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageMarks {
     pub cleared_seq: u64,
     pub hidden: Vec<u64>,
 }
 
-/// [`PageMarks`] in one Postgres query.
-pub async fn page_marks(
-    postgres: &PgPool,
+/// Member of [`keys::user_marks`] present once the set was filled from Postgres.
+const MARKS_BUILT: &str = "built";
+/// Member of [`keys::user_marks`] scored by the clear watermark.
+const MARKS_CLEARED: &str = "cleared";
+
+/// Adds the reads of a user's marks for `(after, before)`: `ZMSCORE key built cleared`, then
+/// the members scored in the range. Decode the two replies with [`marks_from`].
+pub fn add_marks_read(
+    pipe: &mut redis::Pipeline,
     user: &str,
     session: &SessionId,
     after: u64,
     before: u64,
+) {
+    let key = keys::user_marks(session, user);
+    pipe.cmd("ZMSCORE")
+        .arg(&key)
+        .arg(MARKS_BUILT)
+        .arg(MARKS_CLEARED);
+    let upper = if before == 0 {
+        "+inf".to_owned()
+    } else {
+        format!("({before}")
+    };
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(&key)
+        .arg(format!("({after}"))
+        .arg(upper);
+}
+
+/// The marks from the replies of [`add_marks_read`]; None when the set is not built (Redis
+/// lost it, or never had it): call [`rebuild_marks`].
+pub fn marks_from(scores: &[Option<f64>], members: Vec<String>) -> Option<PageMarks> {
+    let (Some(Some(_built)), Some(cleared)) = (scores.first(), scores.get(1)) else {
+        return None;
+    };
+    Some(PageMarks {
+        cleared_seq: cleared.map_or(0, |score| score as u64),
+        // `built` and `cleared` may score inside the range: only seqs are hidden messages.
+        hidden: members
+            .iter()
+            .filter_map(|member| member.parse().ok())
+            .collect(),
+    })
+}
+
+/// Fills a user's marks of a session from Postgres (the truth) into Redis and returns those
+/// in `(after, before)`. Merges rather than overwrites: marks only grow (a hide is never
+/// undone, the watermark only rises), so a rebuild racing a write-through
+/// ([`note_hidden`], [`note_cleared`]) ends with both.
+pub async fn rebuild_marks(
+    postgres: &PgPool,
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+    (after, before): (u64, u64),
+    ttl_seconds: u64,
 ) -> Result<PageMarks, ReaderError> {
     let (cleared, hidden): (i64, Vec<i64>) = sqlx::query_as(
         "SELECT coalesce((SELECT cleared_seq FROM user_session_state \
                           WHERE user_id = $1 AND session_id = $2), 0), \
                 coalesce((SELECT array_agg(seq) FROM message_hides \
-                          WHERE user_id = $1 AND session_id = $2 AND hidden_from <= now() \
-                            AND seq > $3 AND ($4 = 0 OR seq < $4)), '{}')",
+                          WHERE user_id = $1 AND session_id = $2 AND hidden_from <= now()), '{}')",
     )
     .bind(user)
     .bind(session.to_string())
-    .bind(after as i64)
-    .bind(before as i64)
     .fetch_one(postgres)
     .await?;
+    let key = keys::user_marks(session, user);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(&key)
+        .arg("GT")
+        .arg(cleared)
+        .arg(MARKS_CLEARED)
+        .ignore();
+    if !hidden.is_empty() {
+        let mut add = redis::cmd("ZADD");
+        add.arg(&key);
+        for seq in &hidden {
+            add.arg(*seq).arg(*seq);
+        }
+        pipe.add_command(add).ignore();
+    }
+    pipe.cmd("ZADD").arg(&key).arg(0).arg(MARKS_BUILT).ignore();
+    pipe.cmd("EXPIRE").arg(&key).arg(ttl_seconds).ignore();
+    pipe.exec_async(redis).await?;
+    metrics::counter!("chatify_reader_marks_rebuilds_total").increment(1);
     Ok(PageMarks {
         cleared_seq: cleared as u64,
-        hidden: hidden.into_iter().map(|seq| seq as u64).collect(),
+        hidden: hidden
+            .into_iter()
+            .map(|seq| seq as u64)
+            .filter(|seq| *seq > after && (before == 0 || *seq < before))
+            .collect(),
     })
+}
+
+/// Drops a user's marks of a session from Redis. Called before a change to them is written
+/// to Postgres, so that if the write-through after it fails, the next read rebuilds from
+/// Postgres rather than trusting a stale set.
+pub async fn forget_marks(
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+) -> Result<(), ReaderError> {
+    redis::cmd("DEL")
+        .arg(keys::user_marks(session, user))
+        .exec_async(redis)
+        .await?;
+    Ok(())
+}
+
+/// Write-through of a hidden message (after Postgres has it).
+pub async fn note_hidden(
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+    seq: u64,
+    ttl_seconds: u64,
+) -> Result<(), ReaderError> {
+    let key = keys::user_marks(session, user);
+    redis::pipe()
+        .cmd("ZADD")
+        .arg(&key)
+        .arg(seq)
+        .arg(seq)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(ttl_seconds)
+        .ignore()
+        .exec_async(redis)
+        .await?;
+    Ok(())
+}
+
+/// Write-through of a clear watermark (after Postgres has it); never lowers it.
+pub async fn note_cleared(
+    redis: &mut ConnectionManager,
+    user: &str,
+    session: &SessionId,
+    cleared_seq: u64,
+    ttl_seconds: u64,
+) -> Result<(), ReaderError> {
+    let key = keys::user_marks(session, user);
+    redis::pipe()
+        .cmd("ZADD")
+        .arg(&key)
+        .arg("GT")
+        .arg(cleared_seq)
+        .arg(MARKS_CLEARED)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(ttl_seconds)
+        .ignore()
+        .exec_async(redis)
+        .await?;
+    Ok(())
 }
 
 /// A stored message type (the writer's `record::message_type_name`) as the client enum.

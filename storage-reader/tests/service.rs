@@ -179,6 +179,7 @@ impl World {
             },
             recall_window_ms: 60_000,
             archive,
+            marks_ttl_seconds: 3600,
         };
         let groups = Groups {
             gatekeeper: storage.gatekeeper.clone(),
@@ -503,6 +504,26 @@ async fn identity_and_every_refusal_have_their_code() {
         .query_messages(as_user(&eve, query(&chat.to_string())))
         .await;
     assert_eq!(code(revoked), Code::Unauthenticated);
+    // A member's revoked token, on a page the hot cache serves (the deny-list entry is read
+    // in the page's own round trip); the member's other token still reads.
+    redis::cmd("SET")
+        .arg(keys::revoked_token(&format!("j-{bob}-tablet")))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    let revoked = world
+        .client
+        .query_messages(as_device(&bob, "tablet", query(&chat.to_string())))
+        .await;
+    assert_eq!(code(revoked), Code::Unauthenticated);
+    world
+        .client
+        .query_messages(as_device(&bob, "phone", query(&chat.to_string())))
+        .await
+        .unwrap();
     // A stranger, a forged user_id, a bad argument, an unknown group.
     let stranger = world.user("mallory");
     let refused = world
@@ -761,7 +782,59 @@ async fn delete_for_me_and_clear_hide_only_for_the_caller() {
     assert!(world.all_pages(&bob, &chat, true).await.is_empty());
     world.chat(&alice, &chat, 5, 2).await;
     assert_eq!(world.all_pages(&bob, &chat, false).await, vec![6, 7]);
+    assert_eq!(world.all_pages(&bob, &chat, true).await, vec![7, 6]);
     assert_eq!(world.all_pages(&alice, &chat, false).await.len(), 7);
+    assert_eq!(
+        world.all_pages(&alice, &chat, true).await,
+        (1..=7).rev().collect::<Vec<_>>()
+    );
+    // Bob's marks live in Redis, built from Postgres and written through.
+    let marks = keys::user_marks(&chat, &bob);
+    let mut redis = world.redis.clone();
+    let held: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(&marks)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(held.contains(&("3".to_owned(), 3.0)), "{held:?}");
+    assert!(held.contains(&("cleared".to_owned(), 5.0)), "{held:?}");
+    // Redis loses them: the next page rebuilds them from Postgres. A partial set (a
+    // write-through that landed on a missing key) is rebuilt too, not trusted.
+    for partial in [false, true] {
+        redis::cmd("DEL")
+            .arg(&marks)
+            .exec_async(&mut redis)
+            .await
+            .unwrap();
+        if partial {
+            redis::cmd("ZADD")
+                .arg(&marks)
+                .arg(3)
+                .arg(3)
+                .exec_async(&mut redis)
+                .await
+                .unwrap();
+        }
+        assert_eq!(world.all_pages(&bob, &chat, false).await, vec![6, 7]);
+        assert_eq!(world.all_pages(&bob, &chat, true).await, vec![7, 6]);
+        let (cleared, built): (Option<f64>, Option<f64>) = redis::cmd("ZMSCORE")
+            .arg(&marks)
+            .arg("cleared")
+            .arg("built")
+            .query_async(&mut redis)
+            .await
+            .map(|scores: Vec<Option<f64>>| (scores[0], scores[1]))
+            .unwrap();
+        assert_eq!((cleared, built.is_some()), (Some(5.0), true));
+    }
+    // The page cursor inside the cleared range: still nothing up to the watermark.
+    let (seqs, _, _) = world.page(&bob, &chat, false, 3, "2").await;
+    assert_eq!(seqs, vec![6, 7]);
+    let (seqs, _, has_more) = world.page(&bob, &chat, true, 3, "6").await;
+    assert_eq!((seqs, has_more), (vec![], false));
 }
 
 #[tokio::test]
@@ -936,6 +1009,31 @@ async fn groups_have_roles_a_size_limit_and_the_writer_sees_changes() {
             .await
             .unwrap();
     assert_eq!(from_ben, 1, "only the message sent while a member");
+    // The writer has cached the new member list again: pages check it there, and ben
+    // stays out while the owner reads.
+    let mut redis = world.redis.clone();
+    let cached: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys::session_members(&group))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        cached.contains(&owner) && !cached.contains(&ben),
+        "{cached:?}"
+    );
+    let refused = world
+        .client
+        .query_messages(as_user(
+            &ben,
+            QueryMessagesRequest {
+                session_id: group.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("ben was removed");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(world.all_pages(&owner, &group, false).await, vec![1, 2]);
 
     // Moderators recall anyone's message at any time; a plain member only their own.
     let ids: Vec<(uuid::Uuid, String)> = sqlx::query_as(
@@ -1444,7 +1542,7 @@ async fn a_store_that_is_down_answers_unavailable() {
         .connect_lazy(through.as_str())
         .unwrap();
     let redis_client = redis::Client::open(service_env("REDIS_URL")).unwrap();
-    let redis = redis::aio::ConnectionManager::new(redis_client)
+    let redis = redis::aio::ConnectionManager::new(redis_client.clone())
         .await
         .unwrap();
     let mongo = mongodb::Client::with_uri_str(service_env("MONGO_URL"))
@@ -1469,6 +1567,7 @@ async fn a_store_that_is_down_answers_unavailable() {
         },
         recall_window_ms: 60_000,
         archive: storage_reader::store::ArchiveStore::Postgres,
+        marks_ttl_seconds: 3600,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1491,7 +1590,80 @@ async fn a_store_that_is_down_answers_unavailable() {
         )
     };
     client.query_messages(query()).await.expect("postgres up");
+    // A chat the hot cache holds (written by the writer's cache code): once the caller's
+    // marks are in Redis, its pages need no Postgres at all.
+    let (sender, reader) = (unique_name("downc"), unique_name("downd"));
+    let hot = SessionId::single(&sender, &reader).unwrap();
+    let sent: Vec<storage_writer::record::Incoming> = (0..3)
+        .map(|i| storage_writer::record::Incoming {
+            position: storage_writer::record::Position {
+                partition: 0,
+                offset: i,
+            },
+            origin: storage_writer::record::Origin {
+                node_id: "gw-r".into(),
+                connection_id: 1,
+            },
+            sender_id: sender.clone(),
+            device_id: "phone".into(),
+            session: hot.clone(),
+            message_id: chatify_core::ids::MessageId::derive(
+                &sender,
+                &format!("c{i}"),
+                1_700_000_000_000 + i as u64,
+            ),
+            client_msg_id: format!("c{i}"),
+            message_type: MessageType::Text,
+            content: format!("message {i}"),
+            burn_after_seconds: None,
+            request_id: None,
+            timestamp_ms: 1_700_000_000_000 + i,
+        })
+        .collect();
+    let stored: Vec<storage_writer::cache::StoredMessage<'_>> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, message)| storage_writer::cache::StoredMessage {
+            message,
+            seq: i as u64 + 1,
+        })
+        .collect();
+    let members = vec![sender.clone(), reader.clone()];
+    let mut writer_redis = redis::aio::ConnectionManager::new(redis_client.clone())
+        .await
+        .unwrap();
+    storage_writer::cache::write(
+        &mut writer_redis,
+        &stored,
+        &std::iter::once((&hot, members.as_slice())).collect(),
+        storage_writer::cache::CacheLimits {
+            hot_cache_messages: 200,
+            hot_cache_ttl_seconds: 600,
+        },
+    )
+    .await
+    .unwrap();
+    let hot_query = || {
+        as_user(
+            &reader,
+            QueryMessagesRequest {
+                session_id: hot.to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    client
+        .query_messages(hot_query())
+        .await
+        .expect("postgres up");
     proxy.set_down();
+    let page = client
+        .query_messages(hot_query())
+        .await
+        .expect("a cache hit needs no postgres")
+        .into_inner();
+    let seqs: Vec<u64> = page.messages.iter().map(|message| message.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
     let status = client
         .query_messages(query())
         .await

@@ -3,13 +3,18 @@
 //!
 //! Seeds one chat of `--messages` messages and one user with `--sessions` sessions through
 //! the writer's own store code (Postgres archive + Redis hot cache), starts the reader's
-//! service in this process on loopback, then runs each case for `--seconds` with
-//! `--concurrency` callers, closed loop:
+//! service in this process on loopback (on its own tokio runtime, threads `reader-server`,
+//! apart from the callers' runtime, threads `bench-client`), then runs each case for
+//! `--seconds` with `--concurrency` callers, closed loop:
 //! - `raw-redis`: `ZREVRANGEBYSCORE` of the newest 51 hot-cache entries (what a cache-hit
 //!   page reads), decoded;
 //! - `query-cache`: QueryMessages, newest 50, served by the hot cache;
 //! - `query-archive`: the same with the hot cache dropped (Postgres path);
 //! - `list-sessions`: ListSessions, first 50 of the user's sessions.
+//!
+//! Each row also says how many cores the callers, the reader and redis-server used during
+//! the case (thread CPU time from /proc, redis-server's from `INFO cpu`), so a run on a
+//! small machine shows which of them was the bottleneck.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +49,12 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Worker threads of the callers' runtime.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Worker threads of the reader's runtime.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
 }
 
 fn incoming(sender: &str, session: &SessionId, i: usize, at: i64) -> Incoming {
@@ -82,10 +93,28 @@ fn token(user: &str) -> anyhow::Result<String> {
     )?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Thread-name prefix of the reader's runtime.
+const SERVER_THREADS: &str = "reader-server";
+/// Thread-name prefix of the callers' runtime.
+const CLIENT_THREADS: &str = "bench-client";
+
+fn main() -> anyhow::Result<()> {
     chatify_core::config::load_env_file()?;
     let args = Args::parse();
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.server_threads.max(1))
+        .thread_name(SERVER_THREADS)
+        .enable_all()
+        .build()?;
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .thread_name(CLIENT_THREADS)
+        .enable_all()
+        .build()?;
+    client.block_on(run(args, server.handle().clone()))
+}
+
+async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
     let config: storage_reader::config::Config = chatify_core::config::parse_from([
         "storage-reader".to_owned(),
         format!("--jwt-secret={SECRET}"),
@@ -145,43 +174,26 @@ async fn main() -> anyhow::Result<()> {
         cache::write(&mut redis, &stored, &members, limits).await?;
     }
 
-    // The reader, in this process, on loopback.
-    let storage = storage_reader::service::Storage {
-        gatekeeper: storage_reader::identity::Gatekeeper::new(
-            chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
-            None,
-            redis.clone(),
-        ),
-        postgres: stores.postgres.clone(),
-        redis: redis.clone(),
-        mongo: stores.mongo.collection("messages"),
-        notifier: storage_reader::notify::Notifier {
-            producer: rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
-                .create()?,
-            topics: config.kafka.topics(),
-        },
-        recall_window_ms: 120_000,
-        archive: storage_reader::store::ArchiveStore::Postgres,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(StorageServiceServer::new(storage))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    // The reader, in this process, on loopback, on its own runtime (its store clients too,
+    // so their I/O runs on the reader's threads).
+    let addr = server
+        .spawn({
+            let config = config.clone();
+            async move { serve(config).await }
+        })
+        .await
+        .context("reader task")??;
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
         .connect()
         .await?;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token(&bob)?).parse()?;
 
     println!(
-        "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call |\n|---|---|---|---|---|---|---|"
+        "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call | cores: callers / reader / redis |\n|---|---|---|---|---|---|---|---|"
     );
     let duration = Duration::from_secs(args.seconds);
     let hot = keys::session_hot_cache(&chat);
-    let raw = run_case(args.concurrency, duration, {
+    let raw = run_case(&mut redis, args.concurrency, duration, {
         let redis = redis.clone();
         move || {
             let mut redis = redis.clone();
@@ -228,17 +240,29 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    let cached = run_case(args.concurrency, duration, query(channel.clone())).await?;
+    let cached = run_case(
+        &mut redis,
+        args.concurrency,
+        duration,
+        query(channel.clone()),
+    )
+    .await?;
     print_row("query-cache", args.concurrency, &cached);
 
     redis::cmd("DEL")
         .arg(keys::session_hot_cache(&chat))
         .exec_async(&mut redis)
         .await?;
-    let archive = run_case(args.concurrency, duration, query(channel.clone())).await?;
+    let archive = run_case(
+        &mut redis,
+        args.concurrency,
+        duration,
+        query(channel.clone()),
+    )
+    .await?;
     print_row("query-archive", args.concurrency, &archive);
 
-    let sessions = run_case(args.concurrency, duration, {
+    let sessions = run_case(&mut redis, args.concurrency, duration, {
         let channel = channel.clone();
         let bearer = bearer.clone();
         move || {
@@ -269,17 +293,55 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the reader's service on loopback; returns its address.
+async fn serve(config: storage_reader::config::Config) -> anyhow::Result<std::net::SocketAddr> {
+    let stores = Stores::open(&config.redis, &config.postgres, &config.mongo).await?;
+    let redis = redis::aio::ConnectionManager::new(stores.redis.clone()).await?;
+    let storage = storage_reader::service::Storage {
+        gatekeeper: storage_reader::identity::Gatekeeper::new(
+            chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
+            None,
+            redis.clone(),
+        ),
+        postgres: stores.postgres.clone(),
+        redis,
+        mongo: stores.mongo.collection("messages"),
+        notifier: storage_reader::notify::Notifier {
+            producer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+                .create()?,
+            topics: config.kafka.topics(),
+        },
+        recall_window_ms: 120_000,
+        archive: storage_reader::store::ArchiveStore::Postgres,
+        marks_ttl_seconds: 3600,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StorageServiceServer::new(storage))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
+    );
+    Ok(addr)
+}
+
 struct Outcome {
     calls: u64,
     seconds: f64,
     entries: usize,
     latency: Histogram<u64>,
+    /// Cores used during the case: callers, reader, redis-server.
+    cores: [f64; 3],
 }
 
 fn print_row(name: &str, concurrency: usize, outcome: &Outcome) {
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
+    let [callers, reader, redis] = outcome.cores;
     println!(
-        "| {name} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+        "| {name} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {callers:.2} / {reader:.2} / {redis:.2} |",
         outcome.calls as f64 / outcome.seconds,
         ms(0.5),
         ms(0.99),
@@ -288,8 +350,58 @@ fn print_row(name: &str, concurrency: usize, outcome: &Outcome) {
     );
 }
 
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const PROC_TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds used so far by this process's threads whose name starts with `prefix`
+/// (0 where /proc is not there).
+fn threads_cpu_seconds(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0_u64;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|name| name.trim_end().starts_with(prefix));
+        if !named {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the `(comm)`: state is the 3rd field, utime and stime the 14th/15th.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for index in [11, 12] {
+            ticks += fields
+                .get(index)
+                .and_then(|field| field.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks as f64 / PROC_TICKS_PER_SECOND
+}
+
+/// CPU seconds redis-server has used (`INFO cpu`: user + sys).
+async fn redis_cpu_seconds(redis: &mut redis::aio::ConnectionManager) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            matches!(name, "used_cpu_user" | "used_cpu_sys")
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum())
+}
+
 /// Runs `call` from `concurrency` callers back to back for `duration`; latency in µs.
 async fn run_case<F, Fut>(
+    redis: &mut redis::aio::ConnectionManager,
     concurrency: usize,
     duration: Duration,
     call: F,
@@ -299,6 +411,11 @@ where
     Fut: std::future::Future<Output = anyhow::Result<usize>> + Send,
 {
     let call = Arc::new(call);
+    let cpu_before = [
+        threads_cpu_seconds(CLIENT_THREADS),
+        threads_cpu_seconds(SERVER_THREADS),
+        redis_cpu_seconds(redis).await?,
+    ];
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = Vec::new();
@@ -322,10 +439,21 @@ where
         latency.add(&part)?;
         entries = seen;
     }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = [
+        threads_cpu_seconds(CLIENT_THREADS),
+        threads_cpu_seconds(SERVER_THREADS),
+        redis_cpu_seconds(redis).await?,
+    ];
+    let mut cores = [0.0; 3];
+    for (core, (after, before)) in cores.iter_mut().zip(cpu_after.iter().zip(cpu_before)) {
+        *core = (after - before) / seconds;
+    }
     Ok(Outcome {
         calls: latency.len(),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         entries,
         latency,
+        cores,
     })
 }
