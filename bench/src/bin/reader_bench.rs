@@ -192,8 +192,9 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
         "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call | cores: callers / reader / redis |\n|---|---|---|---|---|---|---|---|"
     );
     let duration = Duration::from_secs(args.seconds);
+    let mut stats = redis.clone();
     let hot = keys::session_hot_cache(&chat);
-    let raw = run_case(&mut redis, args.concurrency, duration, {
+    let raw = run_case(&mut stats, args.concurrency, duration, {
         let redis = redis.clone();
         move || {
             let mut redis = redis.clone();
@@ -262,7 +263,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
     .await?;
     print_row("query-archive", args.concurrency, &archive);
 
-    let sessions = run_case(&mut redis, args.concurrency, duration, {
+    let sessions = run_case(&mut stats, args.concurrency, duration, {
         let channel = channel.clone();
         let bearer = bearer.clone();
         move || {
