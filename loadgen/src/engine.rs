@@ -36,6 +36,9 @@ const READ_CHUNK_BYTES: usize = 4096;
 const SENDS_PER_WRITE_MAX: usize = 256;
 /// How long a closing client waits for the server's answer to its close.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// Longest single timer: longer waits are taken in steps, since long monoio sleeps were seen
+/// to fire late with thousands of timers armed (docs/BENCHMARKS.md).
+const SLEEP_MAX: Duration = Duration::from_secs(1);
 /// io_uring submission queue entries per shard.
 const URING_ENTRIES: u32 = 4096;
 
@@ -383,9 +386,12 @@ async fn run_client(shard: Rc<Shard>, index: usize) {
 }
 
 async fn sleep_until(plan: &Plan, at_ns: u64) {
-    let now = plan.now_ns();
-    if at_ns > now {
-        monoio::time::sleep(Duration::from_nanos(at_ns - now)).await;
+    loop {
+        let now = plan.now_ns();
+        if at_ns <= now {
+            return;
+        }
+        monoio::time::sleep(Duration::from_nanos(at_ns - now).min(SLEEP_MAX)).await;
     }
 }
 
@@ -989,7 +995,9 @@ async fn write_loop<W: AsyncWriteRent>(
             wake = wake.min(plan.phases.load_start_ns);
         }
         if wake > now {
-            let sleep = pin!(monoio::time::sleep(Duration::from_nanos(wake - now)));
+            let sleep = pin!(monoio::time::sleep(
+                Duration::from_nanos(wake - now).min(SLEEP_MAX)
+            ));
             let notified = pin!(live.notify.notified());
             futures::future::select(sleep, notified).await;
         }
