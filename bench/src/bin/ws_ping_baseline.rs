@@ -1,9 +1,9 @@
 //! Baseline WebSocket server for the JSON `ping` benchmark (issue 3): tokio (multi-thread
 //! runtime) + tokio-tungstenite doing the per-connection work `gateway-uring` does for pings.
 //!
-//! `GET /ws?token=JWT` is refused with 401 unless the HS256 token verifies with `JWT_SECRET`
-//! through the gateway's own `gateway_uring::auth::Authenticator`, so both servers do the
-//! same JWT work per connection. Each text frame is parsed with
+//! `GET /ws` is refused with 401 unless the HS256 token (`Authorization: Bearer`, else
+//! `?token=`) verifies with `JWT_SECRET` through the gateway's own
+//! `gateway_uring::auth::Authenticator`, so both servers do the same JWT work per connection. Each text frame is parsed with
 //! `chatify_proto::json::decode_client_frame`; a `ping` is answered with a JSON `pong`
 //! echoing its timestamp. Replies to frames that are already readable are batched (`feed`)
 //! and written with one `flush`.
@@ -110,7 +110,14 @@ async fn connection(stream: TcpStream, verifier: Authenticator) -> anyhow::Resul
         if request.uri().path() != "/ws" {
             return Err(refuse(StatusCode::NOT_FOUND, "not found"));
         }
-        match token_from_query(request.uri().query()) {
+        let bearer = request
+            .headers()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && !token.is_empty())
+            .map(|(_, token)| token.trim());
+        match bearer.or_else(|| token_from_query(request.uri().query())) {
             Some(token) if verifier.verify(token).is_ok() => Ok(response),
             _ => Err(refuse(StatusCode::UNAUTHORIZED, "unauthorized")),
         }
