@@ -163,11 +163,29 @@ struct ConnectionResult {
     pongs_measured: u64,
     pings_sent: u64,
     pongs_total: u64,
+}
+
+/// Round trips of one client thread: one pair per thread, shared by its connections (a
+/// histogram is ~240 KB, too much to keep per connection at 19,000 connections).
+#[derive(Debug)]
+struct Histograms {
     /// From the intended send time (open loop) or the send time (closed loop).
     latency_us: Histogram<u64>,
     /// From the moment the ping was written.
     service_latency_us: Histogram<u64>,
 }
+
+impl Histograms {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            latency_us: new_histogram()?,
+            service_latency_us: new_histogram()?,
+        })
+    }
+}
+
+/// The thread's histograms; only that thread's tasks lock it, so it is never contended.
+type SharedHistograms = Arc<std::sync::Mutex<Histograms>>;
 
 /// Phase boundaries and the schedule, shared by every connection.
 #[derive(Debug, Clone, Copy)]
@@ -382,32 +400,43 @@ fn run(args: &Args, target: Target) -> anyhow::Result<Report> {
         let concurrency = args.connect_concurrency;
         let thread = std::thread::Builder::new()
             .name(format!("load-{shard}"))
-            .spawn(move || -> anyhow::Result<Vec<ConnectionResult>> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("build tokio runtime")?;
-                runtime.block_on(async move {
-                    let sockets = connect_all(&target, requests, concurrency, &errors).await;
-                    open.fetch_add(sockets.len() as u64, Ordering::Relaxed);
-                    connected.wait();
-                    go.wait();
-                    let plan = *started.get().context("plan set before go")?;
-                    let tasks: Vec<_> = sockets
-                        .into_iter()
-                        .map(|(index, stream, leftover)| {
-                            let errors = Arc::clone(&errors);
-                            let stop = stop.clone();
-                            tokio::spawn(connection(stream, leftover, index, plan, errors, stop))
-                        })
-                        .collect();
-                    let mut results = Vec::with_capacity(tasks.len());
-                    for task in tasks {
-                        results.push(task.await.context("connection task panicked")?);
-                    }
-                    Ok(results)
-                })
-            })
+            .spawn(
+                move || -> anyhow::Result<(Vec<ConnectionResult>, Histograms)> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("build tokio runtime")?;
+                    runtime.block_on(async move {
+                        let sockets = connect_all(&target, requests, concurrency, &errors).await;
+                        open.fetch_add(sockets.len() as u64, Ordering::Relaxed);
+                        connected.wait();
+                        go.wait();
+                        let plan = *started.get().context("plan set before go")?;
+                        let histograms: SharedHistograms =
+                            Arc::new(std::sync::Mutex::new(Histograms::new()?));
+                        let tasks: Vec<_> = sockets
+                            .into_iter()
+                            .map(|(index, stream, leftover)| {
+                                let errors = Arc::clone(&errors);
+                                let stop = stop.clone();
+                                let histograms = Arc::clone(&histograms);
+                                tokio::spawn(connection(
+                                    stream, leftover, index, plan, errors, stop, histograms,
+                                ))
+                            })
+                            .collect();
+                        let mut results = Vec::with_capacity(tasks.len());
+                        for task in tasks {
+                            results.push(task.await.context("connection task panicked")?);
+                        }
+                        let histograms = Arc::try_unwrap(histograms)
+                            .map_err(|_| anyhow::anyhow!("histograms still shared"))?
+                            .into_inner()
+                            .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?;
+                        Ok((results, histograms))
+                    })
+                },
+            )
             .context("spawn load thread")?;
         threads.push(thread);
     }
@@ -457,20 +486,20 @@ fn run(args: &Args, target: Target) -> anyhow::Result<Report> {
     let mut latency_us = new_histogram()?;
     let mut service_latency_us = new_histogram()?;
     for thread in threads {
-        let results = thread
+        let (results, histograms) = thread
             .join()
             .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
         for result in results {
             pongs += result.pongs_measured;
             pings_sent += result.pings_sent;
             pongs_total += result.pongs_total;
-            latency_us
-                .add(&result.latency_us)
-                .context("merge histograms")?;
-            service_latency_us
-                .add(&result.service_latency_us)
-                .context("merge histograms")?;
         }
+        latency_us
+            .add(&histograms.latency_us)
+            .context("merge histograms")?;
+        service_latency_us
+            .add(&histograms.service_latency_us)
+            .context("merge histograms")?;
     }
     let cpu_seconds = match args.mode {
         Mode::Ping => process_cpu_seconds() - cpu_at_load,
@@ -780,6 +809,7 @@ struct Conn {
     /// Open loop: intended send time of each ping in flight, oldest first (ns since origin).
     intended: VecDeque<u64>,
     result: ConnectionResult,
+    histograms: SharedHistograms,
 }
 
 impl Conn {
@@ -903,10 +933,12 @@ impl Conn {
             let now_nanos = nanos_since(plan.origin, now);
             let us = |from: u64| (now_nanos.saturating_sub(from) / 1_000).clamp(1, LATENCY_US_MAX);
             self.result.pongs_measured += 1;
-            self.result.service_latency_us.saturating_record(us(sent));
-            self.result
-                .latency_us
-                .saturating_record(us(intended.unwrap_or(sent)));
+            if let Ok(mut histograms) = self.histograms.lock() {
+                histograms.service_latency_us.saturating_record(us(sent));
+                histograms
+                    .latency_us
+                    .saturating_record(us(intended.unwrap_or(sent)));
+            }
         }
         if plan.mode == Mode::Ping && plan.interval.is_none() && now < plan.measure_until {
             self.queue_ping(plan, None);
@@ -922,6 +954,7 @@ async fn connection(
     plan: Plan,
     errors: Arc<Errors>,
     stop: CancellationToken,
+    histograms: SharedHistograms,
 ) -> ConnectionResult {
     let mut conn = Conn {
         stream,
@@ -934,9 +967,8 @@ async fn connection(
             pongs_measured: 0,
             pings_sent: 0,
             pongs_total: 0,
-            latency_us: new_histogram().expect("constant bounds are valid"),
-            service_latency_us: new_histogram().expect("constant bounds are valid"),
         },
+        histograms,
     };
     if conn.handle_frames(&plan, &errors) {
         errors.closed_early.fetch_add(1, Ordering::Relaxed);
