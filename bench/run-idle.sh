@@ -13,7 +13,7 @@
 #   source addresses: 100k+ connections on the box. One round.
 #
 # Usage: bench/run-idle.sh [single|scale|both]     (under flock /work/bench.lock)
-# Env:   RUNS (3), IDLE_CONNECTIONS (19000), HEARTBEAT_SECONDS (10), SETTLE_SECONDS (15),
+# Env:   TABLE_ONLY (a results dir: only remake its single table), RUNS (3), IDLE_CONNECTIONS (19000), HEARTBEAT_SECONDS (10), SETTLE_SECONDS (15),
 #        SERVERS ("gateway tungstenite fastwebsockets node-ws uws"), GATEWAYS (6),
 #        PER_GATEWAY (18000), SERVER_CPU (0), CLIENT_CPU (1), BUILD (1), CARGO_TARGET_DIR
 # Needs Redis (REDIS_URL in .local/chatify.env): the gateway checks the token deny-list.
@@ -161,12 +161,16 @@ scale_round() {
 }
 
 if [[ $WHAT == single || $WHAT == both ]]; then
+  if [[ -z ${TABLE_ONLY:-} ]]; then
     echo "single: $IDLE_CONNECTIONS idle connections per server, heartbeat every ${HEARTBEAT_SECONDS}s, RSS read ${SETTLE_SECONDS}s after the last connect; $RUNS rounds"
     for run in $(seq "$RUNS"); do
         for server in "${SERVERS[@]}"; do
             single_round "$server" "$run" | tee -a "$RESULTS/single.txt"
         done
     done
+  else
+    RESULTS=$TABLE_ONLY # remake the table of an earlier run
+  fi
     python3 - "$RESULTS" "$RUNS" "${SERVERS[@]}" <<'EOF' | tee "$RESULTS/results.md"
 import json, statistics, sys
 results, runs, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -186,8 +190,9 @@ print("| server | established | server RSS bytes / idle connection | rounds | ke
 print("|---|---|---|---|---|---|")
 for s, rs in rows.items():
     m = statistics.median(r["bytes_per_connection"] for r in rs)
+    each = ", ".join(f"{r['bytes_per_connection']:,.0f}" for r in rs)
     print(f"| {labels.get(s, s)} | {statistics.median(r['established'] for r in rs):,.0f} | {m:,.0f} | "
-          f"{', '.join(f'{r['bytes_per_connection']:,.0f}' for r in rs)} | "
+          f"{each} | "
           f"{statistics.median(r['slab_bytes_per_connection'] for r in rs):,.0f} | "
           f"{statistics.median(r['rss_before_kib'] for r in rs) / 1024:.1f} |")
 if "gateway" in rows:
