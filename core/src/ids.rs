@@ -134,6 +134,13 @@ impl MessageId {
         Self(uuid::Builder::from_unix_timestamp_millis(received_at_ms, &random).into_uuid())
     }
 
+    /// A UUIDv7 from a Unix-ms time and the 74 bits after it (given as 10 bytes; the bits
+    /// the version and variant take are overwritten). The gateway fills them with its node,
+    /// shard, boot nonce and a counter, so ids are unique without coordination.
+    pub fn from_unix_ms_and_bits(unix_ms: u64, bits: [u8; 10]) -> Self {
+        Self(uuid::Builder::from_unix_timestamp_millis(unix_ms, &bits).into_uuid())
+    }
+
     pub fn parse(text: &str) -> Result<Self, IdError> {
         uuid::Uuid::parse_str(text)
             .map(Self)

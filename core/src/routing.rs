@@ -87,7 +87,8 @@ impl Route {
     }
 }
 
-fn unix_now_ms() -> u64 {
+/// Wall-clock Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)

@@ -2,6 +2,8 @@
 //! deployment files agree with the binaries, and (with later issues) the real binaries
 //! serve clients end to end. This library holds only the helpers those tests share.
 
+pub mod stack;
+
 use std::sync::Once;
 
 /// Loads `.local/chatify.env` (written by `scripts/services.sh up`) once and returns the

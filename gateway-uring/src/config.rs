@@ -7,6 +7,9 @@ use chatify_core::config::{ConfigError, KafkaArgs, LogArgs, RedisArgs, validate_
 /// Shortest HS256 secret we accept, in bytes (RFC 7518 §3.2: at least the hash size).
 pub const JWT_SECRET_BYTES_MIN: usize = 32;
 
+/// Shortest internal-caller credential accepted (storage-reader's rule too).
+pub const INTERNAL_TOKEN_BYTES_MIN: usize = 32;
+
 /// Every setting of gateway-uring (`gateway-uring --help` lists them with their env vars).
 #[derive(Clone, clap::Parser)]
 #[command(name = "gateway-uring", version, about)]
@@ -40,6 +43,134 @@ pub struct Config {
     pub io_driver: IoDriver,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// How this node takes part in the cluster: upstream producing, its push topic, routes,
+/// presence, and the storage-reader it forwards `sync` / `read` / `recall` to.
+#[derive(Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// storage-reader's gRPC endpoint (`http://host:port`); unset: `sync`, `read` and
+    /// `recall` are answered `unavailable`.
+    #[arg(long, env = "CHATIFY_READER_URL")]
+    pub reader_url: Option<String>,
+    /// Secret that makes this gateway a trusted internal caller of storage-reader (it acts
+    /// for the connection's authenticated user).
+    #[arg(long, env = "CHATIFY_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+    /// Longest a forwarded `sync` / `read` / `recall` may take before `unavailable`.
+    #[arg(long, env = "CHATIFY_READER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub reader_timeout_ms: u64,
+    /// Upstream records waiting in the producer (librdkafka queue); beyond that a `send` is
+    /// answered `unavailable` instead of being buffered.
+    #[arg(
+        long,
+        env = "CHATIFY_UPSTREAM_QUEUE_MESSAGES_MAX",
+        default_value_t = 100_000
+    )]
+    pub upstream_queue_messages_max: u32,
+    /// A `send` the broker has not taken within this time is answered `unavailable` (the
+    /// client resends with the same client_msg_id; the writer dedupes).
+    #[arg(long, env = "CHATIFY_UPSTREAM_TIMEOUT_MS", default_value_t = 5_000)]
+    pub upstream_timeout_ms: u64,
+    /// Idempotent producing (the default; needs a broker that supports it across retries).
+    /// `false`: acks=all with one request in flight per broker, which keeps each session's
+    /// order; a retry may then duplicate a record, which storage-writer's dedupe absorbs.
+    #[arg(long, env = "CHATIFY_UPSTREAM_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub upstream_idempotence: bool,
+    /// Partitions of this node's push topic when the gateway has to create it.
+    #[arg(long, env = "CHATIFY_PUSH_TOPIC_PARTITIONS", default_value_t = 4)]
+    pub push_topic_partitions: i32,
+    /// How often this node rewrites its connections' routes (last-active time, key TTL).
+    #[arg(long, env = "CHATIFY_ROUTE_REFRESH_MS", default_value_t = 30_000)]
+    pub route_refresh_ms: u64,
+    /// A user whose last device left is announced offline only after this long without a
+    /// device coming back.
+    #[arg(long, env = "CHATIFY_PRESENCE_GRACE_MS", default_value_t = 10_000)]
+    pub presence_grace_ms: u64,
+}
+
+impl std::fmt::Debug for ClusterArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterArgs")
+            .field("reader_url", &self.reader_url)
+            .field(
+                "internal_token",
+                &self.internal_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("reader_timeout_ms", &self.reader_timeout_ms)
+            .field(
+                "upstream_queue_messages_max",
+                &self.upstream_queue_messages_max,
+            )
+            .field("upstream_timeout_ms", &self.upstream_timeout_ms)
+            .field("upstream_idempotence", &self.upstream_idempotence)
+            .field("push_topic_partitions", &self.push_topic_partitions)
+            .field("route_refresh_ms", &self.route_refresh_ms)
+            .field("presence_grace_ms", &self.presence_grace_ms)
+            .finish()
+    }
+}
+
+impl ClusterArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.reader_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::new(
+                "CHATIFY_READER_URL",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.reader_url.is_some() && self.internal_token.is_none() {
+            return Err(ConfigError::new(
+                "CHATIFY_INTERNAL_TOKEN",
+                "is required when CHATIFY_READER_URL is set (the gateway calls the reader as a trusted internal caller)",
+            ));
+        }
+        // The same minimum storage-reader enforces for the credential.
+        if self
+            .internal_token
+            .as_ref()
+            .is_some_and(|token| token.len() < INTERNAL_TOKEN_BYTES_MIN)
+        {
+            return Err(ConfigError::new(
+                "CHATIFY_INTERNAL_TOKEN",
+                format!("must be at least {INTERNAL_TOKEN_BYTES_MIN} bytes"),
+            ));
+        }
+        let positive: [(&'static str, u64); 5] = [
+            ("CHATIFY_READER_TIMEOUT_MS", self.reader_timeout_ms),
+            (
+                "CHATIFY_UPSTREAM_QUEUE_MESSAGES_MAX",
+                u64::from(self.upstream_queue_messages_max),
+            ),
+            ("CHATIFY_UPSTREAM_TIMEOUT_MS", self.upstream_timeout_ms),
+            ("CHATIFY_ROUTE_REFRESH_MS", self.route_refresh_ms),
+            ("CHATIFY_PRESENCE_GRACE_MS", self.presence_grace_ms),
+        ];
+        if let Some((variable, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::new(variable, "must be greater than 0"));
+        }
+        if self.push_topic_partitions <= 0 {
+            return Err(ConfigError::new(
+                "CHATIFY_PUSH_TOPIC_PARTITIONS",
+                "must be greater than 0",
+            ));
+        }
+        // A route not refreshed for ROUTE_STALE_MS is dead; refresh well inside that.
+        if self.route_refresh_ms > chatify_core::routing::ROUTE_STALE_MS / 2 {
+            return Err(ConfigError::new(
+                "CHATIFY_ROUTE_REFRESH_MS",
+                format!(
+                    "must be at most {} (half the route staleness limit)",
+                    chatify_core::routing::ROUTE_STALE_MS / 2
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which monoio driver the shards run.
@@ -137,6 +268,7 @@ impl std::fmt::Debug for Config {
             .field("shards", &self.shards)
             .field("io_driver", &self.io_driver)
             .field("limits", &self.limits)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -158,7 +290,8 @@ impl Config {
                 "must differ from CHATIFY_WS_ADDR",
             ));
         }
-        self.limits.validate()
+        self.limits.validate()?;
+        self.cluster.validate()
     }
 
     /// Shards to run: the configured count, or one per available core.

@@ -3,10 +3,15 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use gateway_uring::auth::Authenticator;
 use gateway_uring::config::Config;
-use gateway_uring::redis_bridge::RedisBridge;
+use gateway_uring::push::{PushConsumer, PushSettings};
+use gateway_uring::reader_bridge::ReaderBridge;
+use gateway_uring::redis_bridge::{BridgeSettings, RedisBridge};
 use gateway_uring::shard::{
-    self, NodeShared, SEND_RATE_SWEEP_INTERVAL_MS, ShardCommand, ShardSetup,
+    self, NodeShared, SEND_RATE_SWEEP_INTERVAL_MS, ShardCluster, ShardCommand, ShardSetup,
 };
+use gateway_uring::upstream::{Upstream, UpstreamSettings};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -23,7 +28,8 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the admin runtime")?;
     runtime.block_on(async {
-        let readiness = gateway_uring::readiness(&config)?;
+        let push_assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readiness = gateway_uring::readiness(&config, Arc::clone(&push_assigned))?;
         let shutdown = CancellationToken::new();
         let admin = chatify_core::telemetry::start(
             &config.logs,
@@ -33,8 +39,56 @@ fn main() -> anyhow::Result<()> {
         )
         .await?;
         raise_limits();
-        let redis = RedisBridge::start(redis::Client::open(config.redis.redis_url.as_str())?)
-            .context("cannot start the redis bridge")?;
+        let topics = config.kafka.topics();
+        let push_topic = topics.push(&config.node_id);
+        // In the background: with the broker down, start-up must not wait for it.
+        tokio::spawn({
+            let config = config.clone();
+            let push_topic = push_topic.clone();
+            async move { ensure_push_topic(&config, &push_topic).await }
+        });
+        let upstream = Upstream::new(&UpstreamSettings {
+            bootstrap_servers: config.kafka.kafka_bootstrap_servers.clone(),
+            upstream_topic: topics.upstream(),
+            node_id: config.node_id.clone(),
+            queue_messages_max: config.cluster.upstream_queue_messages_max,
+            timeout_ms: config.cluster.upstream_timeout_ms,
+            idempotence: config.cluster.upstream_idempotence,
+        })
+        .context("cannot create the upstream producer (KAFKA_BOOTSTRAP_SERVERS)")?;
+        let redis = RedisBridge::start(
+            redis::Client::open(config.redis.redis_url.as_str())?,
+            BridgeSettings {
+                node_id: config.node_id.clone(),
+                topics: topics.clone(),
+                presence_grace_ms: config.cluster.presence_grace_ms,
+            },
+            Arc::clone(&upstream),
+        )
+        .context("cannot start the redis bridge")?;
+        let reader = match (&config.cluster.reader_url, &config.cluster.internal_token) {
+            (Some(url), Some(token)) => Some(
+                ReaderBridge::start(
+                    url,
+                    token,
+                    std::time::Duration::from_millis(config.cluster.reader_timeout_ms),
+                )
+                .context("cannot start the reader bridge")?,
+            ),
+            _ => {
+                tracing::warn!(
+                    "CHATIFY_READER_URL is unset: sync, read and recall answer unavailable"
+                );
+                None
+            }
+        };
+        let cluster = ShardCluster {
+            node_id: Arc::from(config.node_id.as_str()),
+            boot_nonce: boot_nonce(),
+            upstream: Arc::clone(&upstream),
+            reader,
+            route_refresh_ms: config.cluster.route_refresh_ms,
+        };
         let auth = Authenticator::hs256(config.jwt_secret.as_bytes());
         let node = Arc::new(NodeShared::new(&config.limits));
         // Cold path, off the shards: forget users whose send allowance has refilled, so the
@@ -51,6 +105,7 @@ fn main() -> anyhow::Result<()> {
                 auth: auth.clone(),
                 redis: redis.clone(),
                 node: Arc::clone(&node),
+                cluster: cluster.clone(),
             };
             shards.push(shard::spawn(setup).with_context(|| {
                 format!(
@@ -59,6 +114,18 @@ fn main() -> anyhow::Result<()> {
                 )
             })?);
         }
+        let inboxes: Vec<_> = shards.iter().map(|shard| shard.inbox.clone()).collect();
+        upstream.attach_shards(inboxes.clone());
+        let push = PushConsumer::start(
+            &PushSettings {
+                bootstrap_servers: config.kafka.kafka_bootstrap_servers.clone(),
+                topic: push_topic.clone(),
+                node_id: config.node_id.clone(),
+            },
+            inboxes,
+            push_assigned,
+        )
+        .context("cannot start the push consumer")?;
         tracing::info!(
             node_id = %config.node_id,
             shards = shards.len(),
@@ -67,6 +134,9 @@ fn main() -> anyhow::Result<()> {
             "gateway-uring started"
         );
         chatify_core::telemetry::shutdown_signal().await;
+        tokio::task::spawn_blocking(move || push.stop())
+            .await
+            .context("join push consumer")?;
         for shard in &shards {
             let _ = shard.inbox.send_async(ShardCommand::Shutdown).await;
         }
@@ -81,11 +151,75 @@ fn main() -> anyhow::Result<()> {
             }
         }
         sweeper.abort();
+        {
+            let upstream = Arc::clone(&upstream);
+            tokio::task::spawn_blocking(move || upstream.flush(std::time::Duration::from_secs(5)))
+                .await
+                .context("flush upstream")?;
+        }
         shutdown.cancel();
         admin.await.context("admin server task")??;
         tracing::info!(live = node.live_connections(), "gateway-uring stopped");
         Ok(())
     })
+}
+
+/// A random number per process start (see `ShardCluster::boot_nonce`).
+fn boot_nonce() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    // std's RandomState is seeded from the OS; mix in time and pid for good measure.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish() as u32
+}
+
+/// Creates this node's push topic when the broker lacks it (a new node id needs its own
+/// topic; nothing is auto-created by the broker). Failure is logged, not fatal: `/readyz`
+/// stays red until the topic exists.
+async fn ensure_push_topic(config: &Config, topic: &str) {
+    let admin: Result<AdminClient<DefaultClientContext>, _> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+        .create();
+    let admin = match admin {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::warn!(%error, "cannot create a kafka admin client");
+            return;
+        }
+    };
+    let new_topic = NewTopic::new(
+        topic,
+        config.cluster.push_topic_partitions,
+        TopicReplication::Fixed(1),
+    );
+    let options = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(5)));
+    let created = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        admin.create_topics([&new_topic], &options),
+    )
+    .await;
+    match created {
+        Ok(Ok(results)) => {
+            for result in results {
+                match result {
+                    Ok(name) => tracing::info!(topic = name, "created this node's push topic"),
+                    Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        tracing::debug!(topic = name, "push topic exists");
+                    }
+                    Err((name, code)) => {
+                        tracing::warn!(topic = name, %code, "cannot create the push topic");
+                    }
+                }
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "cannot create the push topic"),
+        Err(_) => tracing::warn!(topic, "creating the push topic timed out"),
+    }
 }
 
 /// Every `SEND_RATE_SWEEP_INTERVAL_MS`, drops idle users from the send rate limiter.

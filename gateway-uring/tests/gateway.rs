@@ -70,6 +70,12 @@ impl Gateway {
             .env("CHATIFY_IO_DRIVER", driver)
             .env("CHATIFY_SHARDS", "2")
             .env("RUST_LOG", "warn")
+            // No broker answers here: these tests pin the connection engine, and every
+            // `send` the engine lets through is refused `unavailable` by the producer's
+            // timeout (the cluster path is tested in e2e/tests/gateway_cluster.rs).
+            .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+            .env("CHATIFY_UPSTREAM_TIMEOUT_MS", "300")
+            .env("CHATIFY_NODE_ID", format!("gw-test-{}", std::process::id()))
             .env_remove("CHATIFY_ENV_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -275,7 +281,7 @@ async fn bad_tokens_are_refused_before_the_upgrade() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_is_answered_and_send_is_refused_as_unavailable_not_faked() {
+async fn ping_is_answered_and_send_without_a_broker_is_refused_as_unavailable_not_faked() {
     for driver in drivers() {
         let gateway = Gateway::start(driver, &[]);
         let mut client = connect(&gateway, "alice").await;

@@ -330,6 +330,39 @@ pub fn encode_error_response(status: HttpErrorStatus, body: &str, out: &mut Byte
     );
 }
 
+/// The path of a complete plain (non-upgrade) `GET` request in `buf`, query removed, so
+/// the listener can serve the try-it page at `/`.
+pub fn plain_get_path(buf: &[u8]) -> Option<String> {
+    let window = &buf[..buf.len().min(HANDSHAKE_BYTES_MAX)];
+    let mut headers = [httparse::EMPTY_HEADER; HANDSHAKE_HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(window) {
+        Ok(httparse::Status::Complete(_)) if request.method == Some("GET") => {}
+        _ => return None,
+    }
+    let upgrade = request
+        .headers
+        .iter()
+        .any(|header| header.name.eq_ignore_ascii_case("upgrade"));
+    if upgrade {
+        return None;
+    }
+    let target = request.path?;
+    Some(target.split('?').next().unwrap_or(target).to_owned())
+}
+
+/// `200 OK` with an HTML body, then close.
+pub fn encode_html_response(body: &str, out: &mut BytesMut) {
+    put_fmt(
+        out,
+        format_args!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+             Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+            body.len(),
+        ),
+    );
+}
+
 fn put_fmt(out: &mut BytesMut, args: fmt::Arguments<'_>) {
     // BytesMut grows as needed, so formatting into it cannot fail.
     let _ = out.write_fmt(args);

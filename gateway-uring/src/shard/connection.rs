@@ -10,9 +10,11 @@ use chatify_proto::client::v1::{
     ErrorCode, ServerFrame, client_frame::Frame as ClientFrame, server_frame::Frame as Reply,
 };
 
-use super::Shard;
+use std::rc::Rc;
+
 use super::writer::{OutboundQueue, QueueFull};
-use crate::handler::{ConnectionContext, FrameHandler as _, Transport};
+use super::{LiveConnection, Shard};
+use crate::handler::{ConnectionContext, Transport};
 
 /// Longest `client_msg_id` / `request_id`, in bytes.
 pub const CLIENT_ID_BYTES_MAX: usize = 128;
@@ -37,6 +39,8 @@ impl CloseReason {
 pub struct Connection {
     pub context: ConnectionContext,
     pub queue: OutboundQueue,
+    /// This connection's entry in the shard's table (push format, last activity).
+    live: Rc<LiveConnection>,
     /// Rate-limited `send` frames in a row on this connection. The allowance is per user
     /// (node-wide), the strikes per connection: the connection that keeps pushing is the one
     /// closed, not the user's other devices.
@@ -44,16 +48,28 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(context: ConnectionContext, queue: OutboundQueue) -> Self {
+    pub(super) fn new(live: Rc<LiveConnection>, transport: Transport) -> Self {
+        let context = ConnectionContext {
+            connection_id: live.connection_id,
+            identity: live.identity.clone(),
+            transport,
+            reader_in_flight: Rc::default(),
+        };
         Self {
             context,
-            queue,
+            queue: live.queue.clone(),
+            live,
             rate_limit_strikes: 0,
         }
     }
 
+    /// The client was heard from (any bytes): remembered for the next route refresh.
+    pub fn touch(&self, now_ms: u64) {
+        self.live.last_active_ms.set(now_ms);
+    }
+
     /// Handles one decoded frame; `Err` means close the connection with that reason.
-    pub async fn on_frame(
+    pub fn on_frame(
         &mut self,
         shard: &Shard,
         transport: Transport,
@@ -62,6 +78,9 @@ impl Connection {
         metrics::counter!("chatify_gateway_frames_in_total", "type" => frame_type(&frame))
             .increment(1);
         self.context.transport = transport;
+        self.live
+            .push_binary
+            .set(transport != Transport::WebSocketText);
         if let Err(reason) = validate(&frame, &self.context.identity.user_id) {
             return self.reply(error_reply(&frame, ErrorCode::BadRequest, reason));
         }
@@ -83,7 +102,7 @@ impl Connection {
                 ));
             }
         }
-        if let Some(reply) = shard.handler.handle(&self.context, frame).await {
+        if let Some(reply) = shard.handler.handle(&self.context, &self.queue, frame) {
             self.reply(reply)?;
         }
         Ok(())
@@ -91,7 +110,7 @@ impl Connection {
 
     /// Encodes `reply` in the wire format of the frame it answers and queues it.
     pub fn reply(&self, reply: Reply) -> Result<(), CloseReason> {
-        let (binary, payload) = encode(self.context.transport, reply);
+        let (binary, payload) = encode_reply(self.context.transport, reply);
         self.queue.push(binary, payload).map_err(|QueueFull| {
             metrics::counter!("chatify_gateway_refusals_total", "reason" => "slow_consumer")
                 .increment(1);
@@ -101,7 +120,7 @@ impl Connection {
 }
 
 /// (binary?, payload) of a server frame for a transport.
-pub fn encode(transport: Transport, reply: Reply) -> (bool, Bytes) {
+pub fn encode_reply(transport: Transport, reply: Reply) -> (bool, Bytes) {
     match transport {
         Transport::WebSocketText => (
             false,

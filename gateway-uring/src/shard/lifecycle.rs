@@ -3,7 +3,11 @@
 //! the heartbeat), authenticating, joining the shard's connection table with a writer task,
 //! and leaving it. `ws_conn.rs` and `tcp_conn.rs` add only what their wire format needs.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use chatify_core::routing::unix_now_ms;
 
 use bytes::BytesMut;
 use monoio::buf::IoBuf;
@@ -12,8 +16,9 @@ use monoio::net::TcpStream;
 
 use super::connection::CloseReason;
 use super::writer::{self, Framing, OutboundQueue};
-use super::{ConnectionSlot, Shard};
+use super::{ConnectionSlot, LiveConnection, Shard};
 use crate::auth::{AuthError, Identity};
+use crate::redis_bridge::Admission;
 
 /// Bytes reserved ahead of each read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -122,64 +127,93 @@ pub(super) async fn read_handshake<T, E>(
     }
 }
 
-/// Verifies the token and checks the deny-list (fails closed when Redis is down). A refusal
-/// is counted by its reason.
-pub(super) async fn authenticate(shard: &Shard, token: &str) -> Result<Identity, AuthError> {
-    let verified = match shard.auth.verify(token) {
-        Ok(identity) => match shard.redis.is_revoked(&identity.jti).await {
-            Ok(false) => Ok(identity),
-            Ok(true) => Err(AuthError::Revoked),
-            Err(_) => Err(AuthError::Unavailable),
-        },
-        Err(error) => Err(error),
-    };
-    if let Err(error) = verified {
+/// Verifies the token (algorithm, signature, expiry, claims). The deny-list is checked by
+/// [`admit`], in the same Redis round trip that registers the route. A refusal is counted
+/// by its reason.
+pub(super) fn verify(shard: &Shard, token: &str) -> Result<Identity, AuthError> {
+    let verified = shard.auth.verify(token);
+    if let Err(error) = &verified {
         metrics::counter!("chatify_gateway_refusals_total", "reason" => error.label()).increment(1);
     }
     verified
 }
 
-/// A connection in the shard's table, its writer task draining `queue` to the socket.
+/// A verified, admitted connection: in the shard's tables (pushes queue up for it), its
+/// route registered, its token not revoked. Nothing is written to the socket until
+/// [`Admitted::start`], so the handshake answer always goes out first.
+pub(super) struct Admitted {
+    pub(super) live: Rc<LiveConnection>,
+    slot: ConnectionSlot,
+}
+
+/// Gives a verified connection its id and outbound queue, enters it in the shard's tables,
+/// then checks the deny-list and registers its route in one Redis round trip (fails
+/// closed: Redis down refuses the connection as unavailable).
+pub(super) async fn admit(
+    shard: &Shard,
+    identity: Identity,
+    framing: Framing,
+    slot: ConnectionSlot,
+) -> Result<Admitted, AuthError> {
+    let connection_id = shard.next_connection_id();
+    let now_ms = unix_now_ms();
+    let live = Rc::new(LiveConnection {
+        connection_id,
+        queue: OutboundQueue::new(framing, shard.limits.send_queue_frames_max),
+        identity,
+        connected_at_ms: now_ms,
+        push_binary: Cell::new(framing == Framing::Tcp),
+        last_active_ms: Cell::new(now_ms),
+    });
+    // Entered before the route exists, so no push addressed to the new route can miss it.
+    shard.insert_connection(Rc::clone(&live));
+    let refusal = match shard.redis.connect(live.route_entry()).await {
+        Ok(Admission::Admitted) => return Ok(Admitted { live, slot }),
+        Ok(Admission::Revoked) => AuthError::Revoked,
+        Err(_) => AuthError::Unavailable,
+    };
+    shard.remove_connection(connection_id);
+    metrics::counter!("chatify_gateway_refusals_total", "reason" => refusal.label()).increment(1);
+    Err(refusal)
+}
+
+impl Admitted {
+    /// Starts the writer task: from now on queued frames (pushes that arrived during the
+    /// handshake first) go to the socket.
+    pub(super) fn start(self, write_half: OwnedWriteHalf<TcpStream>) -> Registered {
+        let writer = monoio::spawn(writer::run(self.live.queue.clone(), write_half));
+        Registered {
+            live: self.live,
+            writer,
+            _slot: self.slot,
+        }
+    }
+
+    /// Gives up before the writer started (the handshake answer could not be written).
+    pub(super) fn abandon(self, shard: &Shard) {
+        shard.remove_connection(self.live.connection_id);
+        shard.redis.disconnect(self.live.route_entry());
+    }
+}
+
+/// A connection in the shard's table, its writer task draining the queue to the socket.
 pub(super) struct Registered {
-    pub(super) connection_id: u64,
-    pub(super) queue: OutboundQueue,
+    pub(super) live: Rc<LiveConnection>,
     writer: monoio::task::JoinHandle<()>,
     _slot: ConnectionSlot,
 }
 
-/// Gives an authenticated connection its id, outbound queue and writer task, and enters it
-/// in the shard's table (where shutdown finds it). The slot is held until [`Registered::close`].
-pub(super) fn register(
-    shard: &Shard,
-    framing: Framing,
-    write_half: OwnedWriteHalf<TcpStream>,
-    slot: ConnectionSlot,
-) -> Registered {
-    let connection_id = shard.next_connection_id();
-    let queue = OutboundQueue::new(framing, shard.limits.send_queue_frames_max);
-    shard
-        .connections
-        .borrow_mut()
-        .insert(connection_id, queue.clone());
-    let writer = monoio::spawn(writer::run(queue.clone(), write_half));
-    Registered {
-        connection_id,
-        queue,
-        writer,
-        _slot: slot,
-    }
-}
-
 impl Registered {
     /// Sends the close (a close frame on WebSocket; TCP just ends), waits for the writer to
-    /// finish, leaves the shard's table and frees the slot. `reader` goes first so the
-    /// socket closes as soon as the writer lets go of it.
+    /// finish, leaves the shard's tables, removes the route and frees the slot. `reader`
+    /// goes first so the socket closes as soon as the writer lets go of it.
     pub(super) async fn close<R>(self, shard: &Shard, reason: CloseReason, reader: R) {
         // A slow reader's pending frames are dropped so the close goes out at once.
         let slow = reason.reason == "slow consumer";
-        self.queue.close_with(reason.code, reason.reason, slow);
+        self.live.queue.close_with(reason.code, reason.reason, slow);
         drop(reader);
         self.writer.await;
-        shard.connections.borrow_mut().remove(&self.connection_id);
+        shard.remove_connection(self.live.connection_id);
+        shard.redis.disconnect(self.live.route_entry());
     }
 }

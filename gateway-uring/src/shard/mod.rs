@@ -2,16 +2,19 @@
 //! WebSocket and TCP listeners, connection table and handler. Nothing on the hot path is
 //! shared between shards but [`NodeShared`]: the connection counter touched at connect and
 //! close, and the per-user send rate limiter checked once per `send` frame. Everything else
-//! that crosses is a [`ShardCommand`] over each shard's bounded inbox.
+//! that crosses is a [`ShardCommand`] over each shard's bounded inbox: pushes from the push
+//! consumer (one batch per poll), upstream failures from the producer's delivery reports,
+//! shutdown.
 
 mod connection;
 mod lifecycle;
+mod pushes;
 mod send_rate;
 mod tcp_conn;
 mod writer;
 mod ws_conn;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -20,11 +23,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Identity};
 use crate::config::{IoDriver, Limits};
-use crate::handler::UnroutedHandler;
-use crate::redis_bridge::RedisBridge;
+use crate::handler::ClusterHandler;
+use crate::push::PushItem;
+use crate::reader_bridge::ReaderBridge;
+use crate::redis_bridge::{RedisBridge, RouteEntry};
+use crate::upstream::Upstream;
 
+pub use connection::encode_reply;
 pub use send_rate::{SEND_RATE_SWEEP_INTERVAL_MS, SendRateLimiter};
 pub use writer::OutboundQueue;
 
@@ -35,12 +42,29 @@ pub const SHARD_INBOX_MAX: usize = 1024;
 /// Most inbox commands handled per wake-up (drained in bulk, bounded so accepts interleave).
 const INBOX_DRAIN_MAX: usize = 256;
 
+/// Bits of a connection id below the shard index.
+const CONNECTION_SHARD_SHIFT: u32 = 56;
+
+/// The shard that owns a connection id (its top 8 bits).
+pub fn shard_of(connection_id: u64) -> usize {
+    (connection_id >> CONNECTION_SHARD_SHIFT) as usize
+}
+
 /// Everything that may cross from one thread into a shard. Closed on purpose: adding a
 /// cross-shard interaction means adding a variant here.
 #[derive(Debug)]
 pub enum ShardCommand {
     /// Stop accepting, close every connection with 1001, then exit.
     Shutdown,
+    /// Frames from the push consumer for this shard's connections: one batch per poll.
+    Push(Vec<PushItem>),
+    /// The broker did not take a client's `send` (queue timeout, broker down): answer
+    /// `unavailable` so the client resends.
+    UpstreamFailed {
+        connection_id: u64,
+        client_msg_id: String,
+        request_id: Option<String>,
+    },
 }
 
 /// State of the whole node, shared by all shards (crosses shards). The connection counter
@@ -109,6 +133,48 @@ pub struct ShardSetup {
     pub auth: Authenticator,
     pub redis: RedisBridge,
     pub node: Arc<NodeShared>,
+    pub cluster: ShardCluster,
+}
+
+/// The cluster side of a shard: who it is, where sends go, who answers history requests.
+#[derive(Debug, Clone)]
+pub struct ShardCluster {
+    pub node_id: Arc<str>,
+    /// Random per process start: part of every connection id and message id, so ids of
+    /// this run never meet those of an earlier run of the same node (a stale push for a
+    /// connection of a previous run finds nothing instead of a stranger).
+    pub boot_nonce: u32,
+    pub upstream: Arc<Upstream>,
+    pub reader: Option<ReaderBridge>,
+    pub route_refresh_ms: u64,
+}
+
+/// A live connection as pushes and route refreshes see it. Shard-local.
+#[derive(Debug)]
+pub(crate) struct LiveConnection {
+    pub(crate) connection_id: u64,
+    pub(crate) queue: OutboundQueue,
+    pub(crate) identity: Identity,
+    pub(crate) connected_at_ms: u64,
+    /// Pushes go out in the wire format of the last data frame the client sent (protobuf
+    /// for TCP and binary WebSocket frames, JSON for text frames).
+    pub(crate) push_binary: Cell<bool>,
+    /// Refreshed when the client is heard from; written to Redis in batches by the route
+    /// refresh, never per frame.
+    pub(crate) last_active_ms: Cell<u64>,
+}
+
+impl LiveConnection {
+    pub(crate) fn route_entry(&self) -> RouteEntry {
+        RouteEntry {
+            user_id: self.identity.user_id.clone(),
+            device_id: self.identity.device_id.clone(),
+            token_id: self.identity.jti.clone(),
+            connection_id: self.connection_id,
+            connected_at_ms: self.connected_at_ms,
+            last_active_ms: self.last_active_ms.get(),
+        }
+    }
 }
 
 /// Shard-local state every connection task of the shard can reach.
@@ -118,19 +184,50 @@ pub(crate) struct Shard {
     pub(crate) auth: Authenticator,
     pub(crate) redis: RedisBridge,
     pub(crate) node: Arc<NodeShared>,
-    pub(crate) handler: UnroutedHandler,
+    pub(crate) cluster: ShardCluster,
+    pub(crate) handler: ClusterHandler,
     /// Live connections of this shard by connection id.
-    pub(crate) connections: RefCell<HashMap<u64, OutboundQueue>>,
-    next_connection: std::cell::Cell<u64>,
-    pub(crate) shutting_down: std::cell::Cell<bool>,
+    pub(crate) connections: RefCell<HashMap<u64, Rc<LiveConnection>>>,
+    /// The same connections by user id, for pushes addressed to users.
+    pub(crate) users: RefCell<HashMap<String, Vec<u64>>>,
+    next_connection: Cell<u64>,
+    pub(crate) shutting_down: Cell<bool>,
 }
 
 impl Shard {
-    /// Node-unique connection id: shard index in the top 16 bits.
+    /// Node-unique connection id: shard index in the top 8 bits, the boot nonce in the next
+    /// 24, a per-shard counter in the low 32.
     pub(crate) fn next_connection_id(&self) -> u64 {
-        let local = self.next_connection.get() + 1;
+        let local = self.next_connection.get().wrapping_add(1) & 0xFFFF_FFFF;
         self.next_connection.set(local);
-        ((self.index as u64) << 48) | (local & ((1 << 48) - 1))
+        ((self.index as u64) << CONNECTION_SHARD_SHIFT)
+            | (u64::from(self.cluster.boot_nonce & 0xFF_FFFF) << 32)
+            | local
+    }
+
+    /// Enters a connection in the shard's tables (pushes can reach it from now on).
+    pub(crate) fn insert_connection(&self, live: Rc<LiveConnection>) {
+        self.users
+            .borrow_mut()
+            .entry(live.identity.user_id.clone())
+            .or_default()
+            .push(live.connection_id);
+        self.connections
+            .borrow_mut()
+            .insert(live.connection_id, live);
+    }
+
+    /// Takes a connection out of the shard's tables.
+    pub(crate) fn remove_connection(&self, connection_id: u64) -> Option<Rc<LiveConnection>> {
+        let live = self.connections.borrow_mut().remove(&connection_id)?;
+        let mut users = self.users.borrow_mut();
+        if let Some(ids) = users.get_mut(&live.identity.user_id) {
+            ids.retain(|id| *id != connection_id);
+            if ids.is_empty() {
+                users.remove(&live.identity.user_id);
+            }
+        }
+        Some(live)
     }
 
     pub(crate) fn heartbeat_timeout(&self) -> Duration {
@@ -229,16 +326,19 @@ async fn run_shard(
 ) -> std::io::Result<()> {
     let ws_listener = monoio::net::TcpListener::from_std(ws_listener)?;
     let tcp_listener = monoio::net::TcpListener::from_std(tcp_listener)?;
+    let handler = ClusterHandler::new(setup.index, &setup.cluster);
     let shard = Rc::new(Shard {
         index: setup.index,
         limits: setup.limits,
         auth: setup.auth,
         redis: setup.redis,
         node: setup.node,
-        handler: UnroutedHandler,
+        cluster: setup.cluster,
+        handler,
         connections: RefCell::new(HashMap::new()),
-        next_connection: std::cell::Cell::new(0),
-        shutting_down: std::cell::Cell::new(false),
+        users: RefCell::new(HashMap::new()),
+        next_connection: Cell::new(0),
+        shutting_down: Cell::new(false),
     });
     let ws_accept = monoio::spawn(accept_loop(
         Rc::clone(&shard),
@@ -246,6 +346,7 @@ async fn run_shard(
         Transport::WebSocket,
     ));
     let tcp_accept = monoio::spawn(accept_loop(Rc::clone(&shard), tcp_listener, Transport::Tcp));
+    let refresher = monoio::spawn(refresh_routes(Rc::clone(&shard)));
 
     'inbox: while let Ok(first) = commands.recv_async().await {
         let mut batch = vec![first];
@@ -256,7 +357,7 @@ async fn run_shard(
             }
         }
         for command in batch {
-            if handle_command(command).is_break() {
+            if handle_command(&shard, command).is_break() {
                 break 'inbox;
             }
         }
@@ -266,7 +367,13 @@ async fn run_shard(
     shard.shutting_down.set(true);
     drop(ws_accept);
     drop(tcp_accept);
-    let queues: Vec<OutboundQueue> = shard.connections.borrow().values().cloned().collect();
+    drop(refresher);
+    let queues: Vec<OutboundQueue> = shard
+        .connections
+        .borrow()
+        .values()
+        .map(|live| live.queue.clone())
+        .collect();
     for queue in &queues {
         queue.close(1001, "server shutting down");
     }
@@ -279,9 +386,35 @@ async fn run_shard(
 }
 
 /// One inbox command; `Break` stops the shard.
-fn handle_command(command: ShardCommand) -> std::ops::ControlFlow<()> {
+fn handle_command(shard: &Shard, command: ShardCommand) -> std::ops::ControlFlow<()> {
     match command {
-        ShardCommand::Shutdown => std::ops::ControlFlow::Break(()),
+        ShardCommand::Shutdown => return std::ops::ControlFlow::Break(()),
+        ShardCommand::Push(items) => pushes::deliver(shard, &items),
+        ShardCommand::UpstreamFailed {
+            connection_id,
+            client_msg_id,
+            request_id,
+        } => pushes::answer_upstream_failure(shard, connection_id, client_msg_id, request_id),
+    }
+    std::ops::ControlFlow::Continue(())
+}
+
+/// Every `CHATIFY_ROUTE_REFRESH_MS`, hands the routes of all this shard's connections (with
+/// their last-active times) to the Redis bridge in one request: the route TTL is pushed out
+/// and last-active is written in a batch, never per frame.
+async fn refresh_routes(shard: Rc<Shard>) {
+    let every = Duration::from_millis(shard.cluster.route_refresh_ms);
+    loop {
+        monoio::time::sleep(every).await;
+        let entries: Vec<RouteEntry> = shard
+            .connections
+            .borrow()
+            .values()
+            .map(|live| live.route_entry())
+            .collect();
+        if !entries.is_empty() {
+            shard.redis.refresh_routes(entries);
+        }
     }
 }
 

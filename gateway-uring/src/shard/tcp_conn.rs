@@ -12,13 +12,12 @@ use chatify_proto::client::v1::{
 use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
 use monoio::net::TcpStream;
 
+use super::Shard;
 use super::connection::{CloseReason, Connection};
-use super::lifecycle::{self, HandshakeFailure, ReadEnd};
+use super::lifecycle::{self, Admitted, HandshakeFailure, ReadEnd};
 use super::writer::Framing;
-use super::{ConnectionSlot, Shard};
-use crate::auth::Identity;
 use crate::conn::tcp::{LengthDecoder, length_prefix};
-use crate::handler::{ConnectionContext, Transport};
+use crate::handler::Transport;
 
 fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
     let frame = ServerFrame {
@@ -77,8 +76,12 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
             return;
         }
     };
-    let identity = match lifecycle::authenticate(&shard, &token).await {
-        Ok(identity) => identity,
+    let admitted = match lifecycle::verify(&shard, &token) {
+        Ok(identity) => lifecycle::admit(&shard, identity, Framing::Tcp, slot).await,
+        Err(error) => Err(error),
+    };
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
         Err(error) => {
             let code = if error == crate::auth::AuthError::Unavailable {
                 ErrorCode::Unavailable
@@ -91,31 +94,38 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
             return;
         }
     };
-    run(shard, stream, identity, buffer, decoder, slot).await;
+    // `auth_ok` is written before the writer starts, so it precedes any push.
+    let identity = &admitted.live.identity;
+    let auth_ok = ServerFrame {
+        frame: Some(server_frame::Frame::AuthOk(AuthOk {
+            user_id: identity.user_id.clone(),
+            device_id: identity.device_id.clone(),
+        })),
+    }
+    .encode_to_vec();
+    let mut framed = Vec::with_capacity(auth_ok.len() + 4);
+    framed.extend_from_slice(&length_prefix(auth_ok.len()));
+    framed.extend_from_slice(&auth_ok);
+    let (written, _) = stream.write_all(framed).await;
+    if written.is_err() {
+        admitted.abandon(&shard);
+        return;
+    }
+    run(shard, stream, admitted, buffer, decoder).await;
 }
 
 async fn run(
     shard: Rc<Shard>,
     stream: TcpStream,
-    identity: Identity,
+    admitted: Admitted,
     mut buffer: BytesMut,
     mut decoder: LengthDecoder,
-    slot: ConnectionSlot,
 ) {
     let (mut reader, write_half) = stream.into_split();
-    let registered = lifecycle::register(&shard, Framing::Tcp, write_half, slot);
-    let queue = registered.queue.clone();
-    let auth_ok = server_frame::Frame::AuthOk(AuthOk {
-        user_id: identity.user_id.clone(),
-        device_id: identity.device_id.clone(),
-    });
-    let context = ConnectionContext {
-        connection_id: registered.connection_id,
-        identity,
-        transport: Transport::Tcp,
-    };
-    let mut connection = Connection::new(context, queue.clone());
-    let mut close = connection.reply(auth_ok).err();
+    let registered = admitted.start(write_half);
+    let queue = registered.live.queue.clone();
+    let mut connection = Connection::new(Rc::clone(&registered.live), Transport::Tcp);
+    let mut close = None;
 
     while close.is_none() {
         loop {
@@ -130,7 +140,7 @@ async fn run(
             };
             let outcome = match ClientFrame::decode(payload) {
                 Ok(ClientFrame { frame: Some(frame) }) => {
-                    connection.on_frame(&shard, Transport::Tcp, frame).await
+                    connection.on_frame(&shard, Transport::Tcp, frame)
                 }
                 _ => {
                     let _ = connection
@@ -151,6 +161,7 @@ async fn run(
         {
             break;
         }
+        connection.touch(chatify_core::routing::unix_now_ms());
     }
     let reason = close.unwrap_or(CloseReason::new(1000, "closing"));
     registered.close(&shard, reason, reader).await;

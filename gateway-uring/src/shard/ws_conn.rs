@@ -11,12 +11,16 @@ use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
 use monoio::net::TcpStream;
 
 use super::connection::{CloseReason, Connection};
-use super::lifecycle::{self, HandshakeFailure, ReadEnd};
+use super::lifecycle::{self, Admitted, HandshakeFailure, ReadEnd};
 use super::writer::Framing;
 use super::{ConnectionSlot, Shard};
-use crate::auth::{AuthError, Identity};
+use crate::auth::AuthError;
 use crate::conn::ws::{self, HttpErrorStatus};
-use crate::handler::{ConnectionContext, Transport};
+use crate::handler::Transport;
+use chatify_core::routing::unix_now_ms;
+
+/// The try-it page served at `/` (plain HTML + JS, no build step).
+const TRY_IT_PAGE: &str = include_str!("../../static/index.html");
 
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
     let refusal = || {
@@ -28,14 +32,18 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
     let Some(slot) = lifecycle::claim_slot(&shard, &mut stream, refusal).await else {
         return;
     };
-    let Some((identity, buffer)) = upgrade(&shard, &mut stream).await else {
+    let Some((admitted, buffer)) = upgrade(&shard, &mut stream, slot).await else {
         return;
     };
-    run(shard, stream, identity, buffer, slot).await;
+    run(shard, stream, admitted, buffer).await;
 }
 
 /// Reads and answers the upgrade request; `None` when the connection was refused.
-async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, BytesMut)> {
+async fn upgrade(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    slot: ConnectionSlot,
+) -> Option<(Admitted, BytesMut)> {
     let mut buffer = BytesMut::with_capacity(4096);
     let parse = |buffer: &mut BytesMut| {
         let parsed = ws::parse_upgrade(buffer)?;
@@ -46,6 +54,16 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, Byt
     };
     let request = match lifecycle::read_handshake(shard, stream, &mut buffer, parse).await {
         Ok(request) => request,
+        Err(HandshakeFailure::Invalid(
+            ws::HandshakeError::NotWebSocketUpgrade | ws::HandshakeError::NoConnectionUpgrade,
+        )) if ws::plain_get_path(&buffer).as_deref() == Some("/") => {
+            // A browser asking for the try-it page.
+            metrics::counter!("chatify_gateway_page_served_total").increment(1);
+            let mut response = BytesMut::new();
+            ws::encode_html_response(TRY_IT_PAGE, &mut response);
+            let _ = stream.write_all(response).await;
+            return None;
+        }
         Err(HandshakeFailure::Invalid(error)) => {
             metrics::counter!("chatify_gateway_refusals_total", "reason" => "bad_handshake")
                 .increment(1);
@@ -74,13 +92,20 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream) -> Option<(Identity, Byt
             .await;
         return None;
     }
-    match lifecycle::authenticate(shard, request.token().unwrap_or("")).await {
-        Ok(identity) => {
+    let admitted = match lifecycle::verify(shard, request.token().unwrap_or("")) {
+        Ok(identity) => lifecycle::admit(shard, identity, Framing::WebSocket, slot).await,
+        Err(error) => Err(error),
+    };
+    match admitted {
+        Ok(admitted) => {
             let mut response = BytesMut::new();
             ws::encode_switching_protocols(&request.sec_websocket_key, &mut response);
             let (result, _) = stream.write_all(response).await;
-            result.ok()?;
-            Some((identity, buffer))
+            if result.is_err() {
+                admitted.abandon(shard);
+                return None;
+            }
+            Some((admitted, buffer))
         }
         Err(error) => {
             let status = if error == AuthError::Unavailable {
@@ -116,22 +141,11 @@ fn error_text(error: AuthError) -> &'static str {
     }
 }
 
-async fn run(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    identity: Identity,
-    mut buffer: BytesMut,
-    slot: ConnectionSlot,
-) {
+async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut buffer: BytesMut) {
     let (mut reader, write_half) = stream.into_split();
-    let registered = lifecycle::register(&shard, Framing::WebSocket, write_half, slot);
-    let queue = registered.queue.clone();
-    let context = ConnectionContext {
-        connection_id: registered.connection_id,
-        identity,
-        transport: Transport::WebSocketText,
-    };
-    let mut connection = Connection::new(context, queue.clone());
+    let registered = admitted.start(write_half);
+    let queue = registered.live.queue.clone();
+    let mut connection = Connection::new(Rc::clone(&registered.live), Transport::WebSocketText);
     let mut json_scratch: Vec<u8> = Vec::with_capacity(1024);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
@@ -155,19 +169,13 @@ async fn run(
                     json_scratch.clear();
                     json_scratch.extend_from_slice(&payload);
                     match chatify_proto::json::decode_client_frame_in_place(&mut json_scratch) {
-                        Ok(frame) => {
-                            connection
-                                .on_frame(&shard, Transport::WebSocketText, frame)
-                                .await
-                        }
+                        Ok(frame) => connection.on_frame(&shard, Transport::WebSocketText, frame),
                         Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
                     }
                 }
                 ws::Message::Binary(payload) => match ClientFrame::decode(payload) {
                     Ok(ClientFrame { frame: Some(frame) }) => {
-                        connection
-                            .on_frame(&shard, Transport::WebSocketBinary, frame)
-                            .await
+                        connection.on_frame(&shard, Transport::WebSocketBinary, frame)
                     }
                     Ok(ClientFrame { frame: None }) => {
                         Err(CloseReason::new(1007, "empty protobuf frame"))
@@ -195,7 +203,7 @@ async fn run(
             break CloseReason::new(1000, "write side closed");
         }
         match lifecycle::read_or_heartbeat_timeout(&shard, &mut reader, &mut buffer).await {
-            ReadEnd::Data => {}
+            ReadEnd::Data => connection.touch(unix_now_ms()),
             ReadEnd::TimedOut => break CloseReason::new(1000, "heartbeat timeout"),
             ReadEnd::Closed => break CloseReason::new(1000, "peer gone"),
         }
