@@ -162,11 +162,15 @@ fn with_caller<T>(
     message: T,
     token: &MetadataValue<tonic::metadata::Ascii>,
     user_id: &str,
-) -> Result<tonic::Request<T>, Reply> {
+) -> Result<tonic::Request<T>, Box<Reply>> {
     let mut request = tonic::Request::new(message);
-    let user: MetadataValue<_> = user_id
-        .parse()
-        .map_err(|_| error_reply(ErrorCode::BadRequest, "user id is not ascii".into(), None))?;
+    let user: MetadataValue<_> = user_id.parse().map_err(|_| {
+        Box::new(error_reply(
+            ErrorCode::BadRequest,
+            "user id is not ascii".into(),
+            None,
+        ))
+    })?;
     request
         .metadata_mut()
         .insert(INTERNAL_TOKEN_HEADER, token.clone());
@@ -213,7 +217,7 @@ async fn answer(
                         request_id: request_id.clone(),
                     }))
                 }),
-                Err(reply) => return Some(reply),
+                Err(reply) => return Some(*reply),
             }
         }
         ReaderCall::Read { session_id, seq } => {
@@ -224,7 +228,7 @@ async fn answer(
             };
             match with_caller(mark, &token, &user_id) {
                 Ok(call) => client.mark_message_read(call).await.map(|_| None),
-                Err(reply) => return Some(reply),
+                Err(reply) => return Some(*reply),
             }
         }
         ReaderCall::Recall { message_id } => {
@@ -234,7 +238,7 @@ async fn answer(
             };
             match with_caller(recall, &token, &user_id) {
                 Ok(call) => client.recall_message(call).await.map(|_| None),
-                Err(reply) => return Some(reply),
+                Err(reply) => return Some(*reply),
             }
         }
     };

@@ -237,10 +237,10 @@ async fn clients(args: ClientArgs) -> anyhow::Result<()> {
                 Some(result) => result,
                 None => held.await,
             };
-            if let Err(error) = result {
-                if failures.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("connection failed: {error:#}");
-                }
+            if let Err(error) = result
+                && failures.fetch_add(1, Ordering::Relaxed) < 5
+            {
+                eprintln!("connection failed: {error:#}");
             }
         });
     }
