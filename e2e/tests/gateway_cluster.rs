@@ -513,3 +513,52 @@ async fn with_the_broker_down_sends_get_unavailable_and_recover_after() {
     again.send(json!({"type": "ping", "timestamp": 2})).await;
     assert_eq!(again.next_of("pong").await["timestamp"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_through_the_reader_closes_its_connection_and_refuses_it_after() {
+    use chatify_proto::storage::v1::RevokeTokenRequest;
+    use chatify_proto::storage::v1::admin_service_client::AdminServiceClient;
+    let stack = Stack::start(StackOptions::default()).await;
+    let gateway = &stack.gateways[0];
+    let alice = stack.user("alice");
+    let (phone_token, phone_jti) = token(&alice, "phone");
+    let mut phone = WsClient::connect(gateway, &phone_token).await;
+    let mut laptop = WsClient::connect(gateway, &token(&alice, "laptop").0).await;
+    let grpc = stack.reader_grpc.expect("reader");
+    let mut admin = AdminServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("reader grpc");
+    let mut request = tonic::Request::new(RevokeTokenRequest {
+        user_id: alice.clone(),
+        token_id: phone_jti,
+        // When the token would expire anyway (an hour from now, as `token` mints it).
+        expires_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64
+            + 3_600_000,
+        reason: String::new(),
+    });
+    request.metadata_mut().insert(
+        "x-chatify-internal-token",
+        chatify_e2e::stack::INTERNAL_TOKEN.parse().expect("ascii"),
+    );
+    let kicked = admin
+        .revoke_token(request)
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(kicked.connections_kicked, 1);
+    assert_eq!(phone.next_of("kicked").await["reason"], "token revoked");
+    assert_eq!(
+        phone.closed().await,
+        Closed::Frame(1008, "token revoked".into())
+    );
+    // The same token is refused at the upgrade; the other device stays.
+    assert_eq!(
+        WsClient::refused_status(&gateway.ws_url(&phone_token)).await,
+        401
+    );
+    laptop.send(json!({"type": "ping", "timestamp": 3})).await;
+    assert_eq!(laptop.next_of("pong").await["timestamp"], 3);
+}
