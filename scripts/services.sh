@@ -398,7 +398,9 @@ ensure_tansu_installed() {
   command -v cc >/dev/null 2>&1 || apt_install build-essential pkg-config
   log "tansu: not installed; running cargo install tansu $TANSU_VERSION --features $TANSU_FEATURES"
   log "tansu: NOTE this compiles from source and takes ~18 minutes on 2 cores"
-  "$cargo" install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" ||
+  # Its own temporary target dir: a CARGO_TARGET_DIR shared with the workspace build (as
+  # .ci/run sets) would hold that dir's lock for the whole compile and stall every build.
+  env -u CARGO_TARGET_DIR "$cargo" install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" ||
     die "tansu: cargo install failed"
   TANSU=$(tansu_bin) || die "tansu: installed but binary not found on PATH or in ~/.cargo/bin"
 }
