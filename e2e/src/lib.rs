@@ -2,6 +2,7 @@
 //! deployment files agree with the binaries, and (with later issues) the real binaries
 //! serve clients end to end. This library holds only the helpers those tests share.
 
+pub mod private;
 pub mod stack;
 
 use std::sync::Once;

@@ -184,6 +184,9 @@ pub struct StackOptions {
     pub kafka_bootstrap_servers: Option<String>,
     /// Extra env for every gateway.
     pub gateway_env: Vec<(String, String)>,
+    /// Extra env for every process of the stack, overriding the defaults (e.g. the store
+    /// URLs of a private set of services: `REDIS_URL`, `POSTGRES_URL`, `MONGO_URL`).
+    pub service_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -194,6 +197,7 @@ impl Default for StackOptions {
             writer: true,
             kafka_bootstrap_servers: None,
             gateway_env: vec![("CHATIFY_PRESENCE_GRACE_MS".into(), "1500".into())],
+            service_env: Vec::new(),
         }
     }
 }
@@ -210,9 +214,14 @@ pub struct Stack {
     pub run_id: String,
 }
 
-fn base_env(bootstrap: &str, prefix: &str) -> Vec<(String, String)> {
+fn base_env(
+    bootstrap: &str,
+    prefix: &str,
+    overrides: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = ["REDIS_URL", "POSTGRES_URL", "MONGO_URL"]
         .into_iter()
+        .filter(|name| !overrides.iter().any(|(key, _)| key == name))
         .map(|name| (name.to_owned(), service_env(name)))
         .collect();
     env.push(("KAFKA_BOOTSTRAP_SERVERS".into(), bootstrap.to_owned()));
@@ -220,6 +229,8 @@ fn base_env(bootstrap: &str, prefix: &str) -> Vec<(String, String)> {
     env.push(("JWT_SECRET".into(), JWT_SECRET.into()));
     env.push(("RUST_LOG".into(), "warn,gateway_uring=info".into()));
     env.push(("CHATIFY_LOG_FORMAT".into(), "text".into()));
+    // A later entry wins when the process is spawned (`Command::envs`).
+    env.extend(overrides.iter().cloned());
     env
 }
 
@@ -288,14 +299,14 @@ impl Stack {
         };
         if options.writer {
             let [admin] = free_local_addrs();
-            let mut env = base_env(&bootstrap, &prefix);
+            let mut env = base_env(&bootstrap, &prefix, &options.service_env);
             env.push(("CHATIFY_ADMIN_ADDR".into(), admin.to_string()));
             env.push(("CHATIFY_WRITER_GROUP".into(), format!("{run_id}-writers")));
             stack.writer = Some(Service::spawn("storage-writer", "writer", env));
         }
         if options.reader {
             let [admin, grpc] = free_local_addrs();
-            let mut env = base_env(&bootstrap, &prefix);
+            let mut env = base_env(&bootstrap, &prefix, &options.service_env);
             env.push(("CHATIFY_ADMIN_ADDR".into(), admin.to_string()));
             env.push(("CHATIFY_GRPC_ADDR".into(), grpc.to_string()));
             env.push(("CHATIFY_INTERNAL_TOKEN".into(), INTERNAL_TOKEN.into()));
@@ -304,7 +315,7 @@ impl Stack {
         }
         for node in &options.nodes {
             let [admin, ws, tcp] = free_local_addrs();
-            let mut env = base_env(&bootstrap, &prefix);
+            let mut env = base_env(&bootstrap, &prefix, &options.service_env);
             env.push(("CHATIFY_ADMIN_ADDR".into(), admin.to_string()));
             env.push(("CHATIFY_WS_ADDR".into(), ws.to_string()));
             env.push(("CHATIFY_TCP_ADDR".into(), tcp.to_string()));
@@ -442,6 +453,51 @@ impl WsClient {
             .send(WsMessage::Text(frame.to_string().into()))
             .await
             .expect("send frame");
+    }
+
+    /// Like [`Self::send`], `false` when the connection is already gone.
+    pub async fn try_send(&mut self, frame: Value) -> bool {
+        self.stream
+            .send(WsMessage::Text(frame.to_string().into()))
+            .await
+            .is_ok()
+    }
+
+    /// Frames read while waiting for something else and not asked for since.
+    pub fn take_pending(&mut self) -> Vec<Value> {
+        self.pending.drain(..).collect()
+    }
+
+    /// Sends any WebSocket message as is (malformed or oversize input included).
+    pub async fn send_raw(&mut self, message: WsMessage) {
+        self.stream.send(message).await.expect("send message");
+    }
+
+    /// Every message of `session` after `after_seq`, paging with `limit` while the reader
+    /// says `has_more`; each page must come back whole and in seq order.
+    pub async fn sync_all(&mut self, session: &str, after_seq: u64, limit: u32) -> Vec<Value> {
+        let mut messages = Vec::new();
+        let mut after = after_seq;
+        for page_number in 0.. {
+            let request_id = format!("sync-{after}-{page_number}");
+            self.send(json!({
+                "type": "sync", "session_id": session, "after_seq": after, "limit": limit,
+                "request_id": request_id,
+            }))
+            .await;
+            let page = self.next_of("messages").await;
+            assert_eq!(page["request_id"], request_id.as_str(), "{page}");
+            let items = page["messages"].as_array().cloned().unwrap_or_default();
+            assert!(items.len() <= limit as usize, "page over its limit: {page}");
+            if let Some(last) = items.last() {
+                after = last["seq"].as_u64().expect("seq");
+            }
+            messages.extend(items);
+            if page["has_more"] != true {
+                break;
+            }
+        }
+        messages
     }
 
     /// Sends a `send` frame to a user.
@@ -682,4 +738,24 @@ pub async fn routes_of(user: &str) -> HashMap<String, chatify_core::routing::Rou
             )
         })
         .collect()
+}
+
+/// A gRPC request to storage-reader as a trusted internal caller acting for `user` (what
+/// the gateways do).
+pub fn internal_request<T>(user: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let metadata = request.metadata_mut();
+    metadata.insert(
+        "x-chatify-internal-token",
+        INTERNAL_TOKEN.parse().expect("ascii token"),
+    );
+    metadata.insert("x-chatify-user-id", user.parse().expect("ascii user id"));
+    request
+}
+
+/// The single-chat session id of two users: `p2p:{lo}:{hi}`.
+pub fn p2p_session(one: &str, other: &str) -> String {
+    let mut pair = [one, other];
+    pair.sort_unstable();
+    format!("p2p:{}:{}", pair[0], pair[1])
 }
