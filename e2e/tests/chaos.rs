@@ -49,7 +49,7 @@ const SYNC_PAGE: u32 = 200;
 const LOAD: Duration = Duration::from_secs(180);
 /// After the load: how long every outstanding message may take to be acked, and the final
 /// sync to finish.
-const DRAIN_MAX: Duration = Duration::from_secs(150);
+const DRAIN_MAX: Duration = Duration::from_secs(90);
 const FINAL_SYNC_MAX: Duration = Duration::from_secs(60);
 
 /// What the test injects, at seconds from the start of the load.
@@ -69,11 +69,14 @@ fn schedule() -> Vec<(u64, Fault)> {
         .map(|at| (at, Fault::KillWriter))
         .collect();
     faults.extend([
-        (40, Fault::RestartBroker),
-        (60, Fault::WipeRedis),
-        (80, Fault::StopPostgres),
-        (110, Fault::StartPostgres),
-        (135, Fault::KillGateway),
+        (40, Fault::WipeRedis),
+        (60, Fault::StopPostgres),
+        (90, Fault::StartPostgres),
+        (115, Fault::KillGateway),
+        // Late, so every other fault has been exercised before it: with tansu 0.6 the
+        // writers' consumer group makes no progress after a broker restart (see
+        // docs/RELIABILITY.md), and this run fails there.
+        (140, Fault::RestartBroker),
     ]);
     faults.sort_by_key(|(at, _)| *at);
     faults
