@@ -73,10 +73,8 @@ fn schedule() -> Vec<(u64, Fault)> {
         (60, Fault::StopPostgres),
         (90, Fault::StartPostgres),
         (115, Fault::KillGateway),
-        // Late, so every other fault has been exercised before it: with tansu 0.6 nothing
-        // sent after a broker restart gets acked (the gateway's idempotent producer does not
-        // recover; once, the writers' group stopped committing), so this run fails there
-        // (docs/RELIABILITY.md).
+        // Late, so every other fault has been exercised before it (with tansu 0.6 a broker
+        // restart has once left the writers' group without progress: docs/RELIABILITY.md).
         (140, Fault::RestartBroker),
     ]);
     faults.sort_by_key(|(at, _)| *at);
@@ -740,6 +738,13 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
             ("CHATIFY_PRESENCE_GRACE_MS".into(), "1500".into()),
             // Routes come back within 2 s after Redis lost them.
             ("CHATIFY_ROUTE_REFRESH_MS".into(), "2000".into()),
+            // tansu 0.6 does not recover an idempotent producer whose records timed out
+            // while it was down: after the broker restart every send would be `unavailable`
+            // for good (run C in docs/RELIABILITY.md). As in gateway_cluster.rs' outage
+            // test, the gateways run the non-idempotent mode here; the writer dedupes, and
+            // this test checks that nothing is stored twice. Apache Kafka recovers
+            // idempotent producers (KIP-360).
+            ("CHATIFY_UPSTREAM_IDEMPOTENCE".into(), "false".into()),
         ],
         service_env: vec![
             ("REDIS_URL".into(), redis.url()),
