@@ -40,7 +40,8 @@ pub enum Transport {
 pub struct ConnectionContext {
     /// Node-unique: the shard index is in the high bits.
     pub connection_id: u64,
-    pub identity: Identity,
+    /// The connection's identity, shared with its entry in the shard's table.
+    pub identity: Rc<Identity>,
     pub transport: Transport,
     /// Reader requests of this connection not answered yet.
     pub reader_in_flight: Rc<Cell<u32>>,

@@ -579,8 +579,8 @@ pub struct FrameDecoder {
     message_bytes_max: usize,
     /// The data message whose first fragment has arrived but not its last.
     fragmented: Option<Fragmented>,
-    /// Payload of that message so far. Kept between messages so its capacity is reused once
-    /// the previous message's `Bytes` are dropped.
+    /// Payload of that message so far. Empty (no allocation) between fragmented messages:
+    /// the finished message takes the whole allocation, so an idle connection holds none.
     fragments: BytesMut,
     /// Leading bytes of `fragments` known to be complete, valid UTF-8 (text only), so each
     /// byte is validated once and an invalid prefix fails before the message ends.
@@ -684,7 +684,7 @@ impl FrameDecoder {
         }
         self.fragmented = None;
         self.utf8_valid_bytes = 0;
-        let payload = self.fragments.split().freeze();
+        let payload = std::mem::take(&mut self.fragments).freeze();
         Ok(Some(match kind {
             Fragmented::Text => Message::Text(payload),
             Fragmented::Binary => Message::Binary(payload),
@@ -1337,6 +1337,19 @@ mod tests {
             decoder.decode(&mut buf),
             Ok(Some(Message::Binary("next".into())))
         );
+    }
+
+    #[test]
+    fn a_reassembled_message_leaves_no_buffer_in_the_decoder() {
+        let mut buf = frame(false, 0x1, b"Hel");
+        buf.extend_from_slice(&frame(true, 0x0, b"lo"));
+        let mut decoder = decoder();
+        assert_eq!(
+            decode_all(&mut decoder, &mut buf),
+            Ok(vec![Message::Text("Hello".into())])
+        );
+        // An idle connection's decoder holds no reassembly storage.
+        assert_eq!(decoder.fragments.capacity(), 0);
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Connection {
     pub(super) fn new(live: Rc<LiveConnection>, transport: Transport) -> Self {
         let context = ConnectionContext {
             connection_id: live.connection_id,
-            identity: live.identity.clone(),
+            identity: Rc::clone(&live.identity),
             transport,
             reader_in_flight: Rc::default(),
         };

@@ -1,7 +1,9 @@
 //! The steps every client connection takes whatever its transport (shard-local): claiming
-//! a node-wide connection slot, reading the socket under a deadline (the handshake, then
-//! the heartbeat), authenticating, joining the shard's connection table with a writer task,
-//! and leaving it. `ws_conn.rs` and `tcp_conn.rs` add only what their wire format needs.
+//! a node-wide connection slot, reading the socket under a deadline (the handshake's own
+//! timer, then the heartbeat enforced by the shard's sweep), authenticating, joining the
+//! shard's connection table with a writer task, and leaving it. Reads borrow a buffer from
+//! the shard's pool only once bytes are there (see [`wait_readable`]). `ws_conn.rs` and
+//! `tcp_conn.rs` add only what their wire format needs.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -14,14 +16,15 @@ use monoio::buf::IoBuf;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt as _, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
+use super::buffers;
 use super::connection::CloseReason;
 use super::writer::{self, Framing, OutboundQueue};
 use super::{ConnectionSlot, LiveConnection, Shard};
 use crate::auth::{AuthError, Identity};
 use crate::redis_bridge::Admission;
 
-/// Bytes reserved ahead of each read.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Spare room below which a held read buffer is grown before the next read.
+const READ_SPARE_BYTES_MIN: usize = 1024;
 
 /// Claims one of the node's connection slots. When the node is full, the refusal is counted
 /// and `refusal()` (the transport's way of saying so) is written before giving up.
@@ -50,43 +53,159 @@ pub(super) enum ReadEnd {
     Closed,
 }
 
-/// Reads more bytes into the spare capacity of `buffer` (after what it holds), waiting at
-/// most `timeout`.
+/// Waits until the socket has bytes to read, has reached end of stream or has failed,
+/// without lending it a buffer: a zero-length `recv`. The kernel's TCP receive needs at
+/// least one byte queued (or EOF, or an error) to answer a zero-length request, and answers
+/// it without consuming anything; until then it is "would block", so io_uring parks the
+/// request on the socket's poll and the epoll driver waits for readiness, exactly as for a
+/// real read. `Ok(())` says a real read will not wait; it reads the data (or the EOF, or
+/// the error). This is how an idle connection holds no read buffer with monoio's owned
+/// buffers: a pending read must own its buffer until it completes, and `readable()` is not
+/// reachable through the split read half.
+pub(super) async fn wait_readable<R: AsyncReadRent>(reader: &mut R) -> std::io::Result<()> {
+    let (result, _) = reader.read(Vec::<u8>::new()).await;
+    result.map(drop)
+}
+
+/// Reads more bytes within `timeout`. `held` is the connection's read buffer: `None` when
+/// no bytes are pending (the idle case), then the read waits with [`wait_readable`] and
+/// borrows a buffer from the shard's pool only once bytes are there; `Some` while a frame
+/// spans reads, then it reads straight into the spare room after the partial frame. After
+/// decoding, hand the buffer back with [`release_read_buffer`].
 pub(super) async fn read_more_within<R: AsyncReadRent>(
+    shard: &Shard,
     reader: &mut R,
-    buffer: &mut BytesMut,
+    held: &mut Option<BytesMut>,
     timeout: Duration,
 ) -> ReadEnd {
-    use monoio::buf::IoBufMut as _;
-    // The buffer is owned by the read while it runs (io_uring) and handed back after.
-    let mut owned = std::mem::take(buffer);
-    owned.reserve(READ_CHUNK_BYTES);
-    let start = owned.len();
-    let end = owned.capacity();
-    let read = reader.read(owned.slice_mut(start..end));
-    let Ok((result, slice)) = monoio::time::timeout(timeout, read).await else {
+    let read = read_more(shard, reader, held.take());
+    // On a timeout the buffer (if any) goes with the dropped read: the connection closes.
+    let Ok((end, buffer)) = monoio::time::timeout(timeout, read).await else {
         return ReadEnd::TimedOut;
     };
-    *buffer = slice.into_inner();
+    *held = buffer;
+    end
+}
+
+async fn read_more<R: AsyncReadRent>(
+    shard: &Shard,
+    reader: &mut R,
+    held: Option<BytesMut>,
+) -> (ReadEnd, Option<BytesMut>) {
+    use monoio::buf::IoBufMut as _;
+    let mut buffer = match held {
+        Some(mut partial) => {
+            if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
+                partial.reserve(buffers::BUFFER_BYTES);
+            }
+            partial
+        }
+        None => {
+            if wait_readable(reader).await.is_err() {
+                return (ReadEnd::Closed, None);
+            }
+            shard.buffers.take()
+        }
+    };
+    let start = buffer.len();
+    let end = buffer.capacity();
+    // The buffer is owned by the read while it runs (io_uring) and handed back after.
+    let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
+    buffer = slice.into_inner();
     match result {
-        Ok(0) | Err(_) => ReadEnd::Closed,
-        Ok(_) => ReadEnd::Data,
+        Ok(0) | Err(_) => {
+            shard.buffers.give(buffer);
+            (ReadEnd::Closed, None)
+        }
+        Ok(_) => (ReadEnd::Data, Some(buffer)),
     }
 }
 
-/// Reads after the handshake: a connection silent for the heartbeat timeout is counted and
-/// reported as [`ReadEnd::TimedOut`].
+/// After the decoder took every whole frame: an emptied buffer goes back to the pool, so
+/// the connection holds one only while a frame spans reads.
+pub(super) fn release_read_buffer(shard: &Shard, held: &mut Option<BytesMut>) {
+    if held.as_ref().is_some_and(BytesMut::is_empty)
+        && let Some(buffer) = held.take()
+    {
+        shard.buffers.give(buffer);
+    }
+}
+
+/// Reads after the handshake, like [`read_more_within`] but without a timer: the shard's
+/// heartbeat sweep ends the read of a connection silent for the heartbeat timeout (counted,
+/// and reported as [`ReadEnd::TimedOut`]). The future is small on purpose: it is what an
+/// idle connection's task holds while it waits.
 pub(super) async fn read_or_heartbeat_timeout<R: AsyncReadRent>(
     shard: &Shard,
+    live: &LiveConnection,
     reader: &mut R,
-    buffer: &mut BytesMut,
+    held: &mut Option<BytesMut>,
 ) -> ReadEnd {
-    let end = read_more_within(reader, buffer, shard.heartbeat_timeout()).await;
-    if end == ReadEnd::TimedOut {
-        metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
-            .increment(1);
+    use monoio::buf::IoBufMut as _;
+    let mut buffer = match held.take() {
+        Some(mut partial) => {
+            if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
+                partial.reserve(buffers::BUFFER_BYTES);
+            }
+            partial
+        }
+        None => match until_heartbeat_expired(live, wait_readable(reader)).await {
+            Some(Ok(())) => shard.buffers.take(),
+            Some(Err(_)) => return ReadEnd::Closed,
+            None => return heartbeat_timed_out(),
+        },
+    };
+    let start = buffer.len();
+    let end = buffer.capacity();
+    let read = reader.read(buffer.slice_mut(start..end));
+    // On expiry the buffer goes with the dropped read: the connection closes.
+    let Some((result, slice)) = until_heartbeat_expired(live, read).await else {
+        return heartbeat_timed_out();
+    };
+    buffer = slice.into_inner();
+    match result {
+        Ok(0) | Err(_) => {
+            shard.buffers.give(buffer);
+            ReadEnd::Closed
+        }
+        Ok(_) => {
+            *held = Some(buffer);
+            ReadEnd::Data
+        }
     }
-    end
+}
+
+fn heartbeat_timed_out() -> ReadEnd {
+    metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
+        .increment(1);
+    ReadEnd::TimedOut
+}
+
+/// Runs `io` until it completes (`Some`) or the heartbeat sweep expires the connection
+/// (`None`; `io` is dropped, which cancels it).
+async fn until_heartbeat_expired<F: std::future::Future>(
+    live: &LiveConnection,
+    io: F,
+) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    let output = std::future::poll_fn(|cx| {
+        if live.heartbeat_expired.get() {
+            return std::task::Poll::Ready(None);
+        }
+        match io.as_mut().poll(cx) {
+            std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
+            std::task::Poll::Pending => {
+                let mut waker = live.read_waker.borrow_mut();
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+        }
+    })
+    .await;
+    live.read_waker.borrow_mut().take();
+    output
 }
 
 /// Why the handshake produced nothing to go on with.
@@ -100,22 +219,25 @@ pub(super) enum HandshakeFailure<E> {
     Closed,
 }
 
-/// Runs `decode` over `buffer` until it yields the handshake (the upgrade request, the TCP
-/// `auth` frame), reading more as needed, all within the shard's handshake timeout so a
-/// slow client (slowloris) cannot hold a slot.
+/// Runs `decode` over the bytes read so far until it yields the handshake (the upgrade
+/// request, the TCP `auth` frame), reading more as needed, all within the shard's handshake
+/// timeout so a slow client (slowloris) cannot hold a slot. What the client sent after the
+/// handshake stays in `held` (see [`read_more_within`]).
 pub(super) async fn read_handshake<T, E>(
     shard: &Shard,
     stream: &mut TcpStream,
-    buffer: &mut BytesMut,
+    held: &mut Option<BytesMut>,
     mut decode: impl FnMut(&mut BytesMut) -> Result<Option<T>, E>,
 ) -> Result<T, HandshakeFailure<E>> {
     let deadline = Instant::now() + shard.handshake_timeout();
     loop {
-        if let Some(decoded) = decode(buffer).map_err(HandshakeFailure::Invalid)? {
+        if let Some(buffer) = held.as_mut()
+            && let Some(decoded) = decode(buffer).map_err(HandshakeFailure::Invalid)?
+        {
             return Ok(decoded);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match read_more_within(stream, buffer, left).await {
+        match read_more_within(shard, stream, held, left).await {
             ReadEnd::Data => {}
             ReadEnd::TimedOut => {
                 metrics::counter!("chatify_gateway_refusals_total", "reason" => "handshake_timeout")
@@ -160,10 +282,12 @@ pub(super) async fn admit(
     let live = Rc::new(LiveConnection {
         connection_id,
         queue: OutboundQueue::new(framing, shard.limits.send_queue_frames_max),
-        identity,
+        identity: Rc::new(identity),
         connected_at_ms: now_ms,
         push_binary: Cell::new(framing == Framing::Tcp),
         last_active_ms: Cell::new(now_ms),
+        heartbeat_expired: Cell::new(false),
+        read_waker: std::cell::RefCell::new(None),
     });
     // Entered before the route exists, so no push addressed to the new route can miss it.
     shard.insert_connection(Rc::clone(&live));
@@ -180,8 +304,16 @@ pub(super) async fn admit(
 impl Admitted {
     /// Starts the writer task: from now on queued frames (pushes that arrived during the
     /// handshake first) go to the socket.
-    pub(super) fn start(self, write_half: OwnedWriteHalf<TcpStream>) -> Registered {
-        let writer = monoio::spawn(writer::run(self.live.queue.clone(), write_half));
+    pub(super) fn start(
+        self,
+        shard: &Rc<Shard>,
+        write_half: OwnedWriteHalf<TcpStream>,
+    ) -> Registered {
+        let writer = monoio::spawn(writer::run(
+            Rc::clone(shard),
+            self.live.queue.clone(),
+            write_half,
+        ));
         Registered {
             live: self.live,
             writer,
@@ -215,5 +347,63 @@ impl Registered {
         self.writer.await;
         shard.remove_connection(self.live.connection_id);
         shard.redis.disconnect(self.live.route_entry());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monoio::io::Splitable as _;
+    use monoio::net::TcpListener;
+
+    /// The zero-length read [`wait_readable`] relies on: it waits while nothing has arrived,
+    /// completes once bytes are queued without consuming any, and completes at end of
+    /// stream; on both monoio drivers.
+    async fn zero_length_read_waits_for_bytes_and_consumes_none() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("local addr");
+        let mut client = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (mut reader, _writer) = server.into_split();
+
+        let idle = monoio::time::timeout(Duration::from_millis(300), wait_readable(&mut reader));
+        assert!(idle.await.is_err(), "completed with nothing to read");
+
+        let (written, _) = client.write_all(b"hello").await;
+        written.expect("write");
+        wait_readable(&mut reader).await.expect("readable");
+        wait_readable(&mut reader)
+            .await
+            .expect("still readable: nothing was consumed");
+        let (read, buffer) = reader.read(Vec::with_capacity(64)).await;
+        assert_eq!(read.expect("read"), 5);
+        assert_eq!(buffer, b"hello");
+
+        drop(client);
+        wait_readable(&mut reader).await.expect("end of stream");
+        let (read, _) = reader.read(Vec::with_capacity(64)).await;
+        assert_eq!(read.expect("read"), 0);
+    }
+
+    #[test]
+    fn zero_length_read_is_a_readiness_wait_on_epoll() {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("epoll runtime")
+            .block_on(zero_length_read_waits_for_bytes_and_consumes_none());
+    }
+
+    #[test]
+    fn zero_length_read_is_a_readiness_wait_on_io_uring() {
+        if !monoio::utils::detect_uring() {
+            eprintln!("io_uring is not available to this process: skipped");
+            return;
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime")
+            .block_on(zero_length_read_waits_for_bytes_and_consumes_none());
     }
 }

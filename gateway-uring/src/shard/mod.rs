@@ -6,6 +6,7 @@
 //! consumer (one batch per poll), upstream failures from the producer's delivery reports,
 //! shutdown.
 
+mod buffers;
 mod connection;
 mod lifecycle;
 mod pushes;
@@ -154,17 +155,31 @@ pub struct ShardCluster {
 pub(crate) struct LiveConnection {
     pub(crate) connection_id: u64,
     pub(crate) queue: OutboundQueue,
-    pub(crate) identity: Identity,
+    /// Shared with the connection's frame handling (one copy per connection).
+    pub(crate) identity: Rc<Identity>,
     pub(crate) connected_at_ms: u64,
     /// Pushes go out in the wire format of the last data frame the client sent (protobuf
     /// for TCP and binary WebSocket frames, JSON for text frames).
     pub(crate) push_binary: Cell<bool>,
     /// Refreshed when the client is heard from; written to Redis in batches by the route
-    /// refresh, never per frame.
+    /// refresh, never per frame, and read by the heartbeat sweep.
     pub(crate) last_active_ms: Cell<u64>,
+    /// Set by the shard's heartbeat sweep when the client was silent for the heartbeat
+    /// timeout; the connection's read then ends with `heartbeat timeout`.
+    pub(crate) heartbeat_expired: Cell<bool>,
+    /// The connection task's waker while it waits for bytes, so the sweep can end the wait.
+    pub(crate) read_waker: RefCell<Option<std::task::Waker>>,
 }
 
 impl LiveConnection {
+    /// The heartbeat sweep found the client silent for too long: end its read.
+    fn expire_heartbeat(&self) {
+        self.heartbeat_expired.set(true);
+        if let Some(waker) = self.read_waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
     pub(crate) fn route_entry(&self) -> RouteEntry {
         RouteEntry {
             user_id: self.identity.user_id.clone(),
@@ -186,6 +201,9 @@ pub(crate) struct Shard {
     pub(crate) node: Arc<NodeShared>,
     pub(crate) cluster: ShardCluster,
     pub(crate) handler: ClusterHandler,
+    /// Read and write buffers lent to connections while bytes are in hand, and the JSON
+    /// scratch buffer.
+    pub(crate) buffers: buffers::BufferPool,
     /// Live connections of this shard by connection id.
     pub(crate) connections: RefCell<HashMap<u64, Rc<LiveConnection>>>,
     /// The same connections by user id, for pushes addressed to users.
@@ -228,10 +246,6 @@ impl Shard {
             }
         }
         Some(live)
-    }
-
-    pub(crate) fn heartbeat_timeout(&self) -> Duration {
-        Duration::from_millis(self.limits.heartbeat_timeout_ms)
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {
@@ -335,6 +349,7 @@ async fn run_shard(
         node: setup.node,
         cluster: setup.cluster,
         handler,
+        buffers: buffers::BufferPool::default(),
         connections: RefCell::new(HashMap::new()),
         users: RefCell::new(HashMap::new()),
         next_connection: Cell::new(0),
@@ -347,6 +362,7 @@ async fn run_shard(
     ));
     let tcp_accept = monoio::spawn(accept_loop(Rc::clone(&shard), tcp_listener, Transport::Tcp));
     let refresher = monoio::spawn(refresh_routes(Rc::clone(&shard)));
+    let heartbeats = monoio::spawn(sweep_heartbeats(Rc::clone(&shard)));
 
     'inbox: while let Ok(first) = commands.recv_async().await {
         let mut batch = vec![first];
@@ -368,6 +384,7 @@ async fn run_shard(
     drop(ws_accept);
     drop(tcp_accept);
     drop(refresher);
+    drop(heartbeats);
     let queues: Vec<OutboundQueue> = shard
         .connections
         .borrow()
@@ -418,6 +435,33 @@ async fn refresh_routes(shard: Rc<Shard>) {
     }
 }
 
+/// Heartbeat sweeps per heartbeat timeout: a silent connection is closed between 1 and
+/// 1 + 1/4 timeouts after it was last heard from.
+const HEARTBEAT_SWEEPS_PER_TIMEOUT: u64 = 4;
+/// Bounds of the sweep interval.
+const HEARTBEAT_SWEEP_MS_MIN: u64 = 10;
+const HEARTBEAT_SWEEP_MS_MAX: u64 = 5_000;
+
+/// Closes connections silent for the heartbeat timeout. One shard-wide timer instead of one
+/// per connection: a monoio timer entry is several hundred bytes (cache-padded), which an
+/// idle connection would carry for its whole life.
+async fn sweep_heartbeats(shard: Rc<Shard>) {
+    let timeout_ms = shard.limits.heartbeat_timeout_ms;
+    let every_ms = (timeout_ms / HEARTBEAT_SWEEPS_PER_TIMEOUT)
+        .clamp(HEARTBEAT_SWEEP_MS_MIN, HEARTBEAT_SWEEP_MS_MAX);
+    loop {
+        monoio::time::sleep(Duration::from_millis(every_ms)).await;
+        let now_ms = chatify_core::routing::unix_now_ms();
+        for live in shard.connections.borrow().values() {
+            if !live.heartbeat_expired.get()
+                && now_ms.saturating_sub(live.last_active_ms.get()) >= timeout_ms
+            {
+                live.expire_heartbeat();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Transport {
     WebSocket,
@@ -426,7 +470,7 @@ enum Transport {
 
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, transport: Transport) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, _peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning; existing connections
@@ -444,10 +488,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, trans
         let shard = Rc::clone(&shard);
         match transport {
             Transport::WebSocket => {
-                monoio::spawn(ws_conn::serve(shard, stream, peer));
+                monoio::spawn(ws_conn::serve(shard, stream));
             }
             Transport::Tcp => {
-                monoio::spawn(tcp_conn::serve(shard, stream, peer));
+                monoio::spawn(tcp_conn::serve(shard, stream));
             }
         }
     }

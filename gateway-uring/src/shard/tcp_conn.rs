@@ -37,30 +37,50 @@ fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
     Bytes::from(framed)
 }
 
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
-    let refusal = || error_frame(ErrorCode::Unavailable, "connection limit reached");
-    let Some(slot) = lifecycle::claim_slot(&shard, &mut stream, refusal).await else {
+/// The connection's task, sized for the frame loop: the authentication's larger futures are
+/// boxed and freed once the connection is admitted (see `ws_conn::serve`).
+pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut held = None;
+    let admitted = Box::pin(authenticate(&shard, &mut stream, &mut held)).await;
+    // Bytes after the auth frame are kept for the frame loop; an emptied buffer goes back.
+    lifecycle::release_read_buffer(&shard, &mut held);
+    let Some(admitted) = admitted else {
+        if let Some(buffer) = held.take() {
+            shard.buffers.give(buffer);
+        }
         return;
     };
+    let decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
+    run(shard, stream, admitted, held, decoder).await;
+}
+
+/// Claims a slot, reads the `auth` frame, verifies and admits the connection and answers
+/// `auth_ok`; `None` when the connection was refused (the reason was written).
+async fn authenticate(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    held: &mut Option<BytesMut>,
+) -> Option<Admitted> {
+    let refusal = || error_frame(ErrorCode::Unavailable, "connection limit reached");
+    let slot = lifecycle::claim_slot(shard, stream, refusal).await?;
     let mut decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
-    let mut buffer = BytesMut::with_capacity(4096);
     // The auth frame.
     let decode = |buffer: &mut BytesMut| decoder.decode(buffer);
-    let payload = match lifecycle::read_handshake(&shard, &mut stream, &mut buffer, decode).await {
+    let payload = match lifecycle::read_handshake(shard, stream, held, decode).await {
         Ok(payload) => payload,
         Err(HandshakeFailure::Invalid(error)) => {
             let _ = stream
                 .write_all(error_frame(ErrorCode::BadRequest, error.reason()))
                 .await;
-            return;
+            return None;
         }
         Err(HandshakeFailure::TimedOut) => {
             let _ = stream
                 .write_all(error_frame(ErrorCode::Unauthorized, "auth timeout"))
                 .await;
-            return;
+            return None;
         }
-        Err(HandshakeFailure::Closed) => return,
+        Err(HandshakeFailure::Closed) => return None,
     };
     let token = match ClientFrame::decode(payload) {
         Ok(ClientFrame {
@@ -73,11 +93,11 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
                     "the first frame must be auth",
                 ))
                 .await;
-            return;
+            return None;
         }
     };
-    let admitted = match lifecycle::verify(&shard, &token) {
-        Ok(identity) => lifecycle::admit(&shard, identity, Framing::Tcp, slot).await,
+    let admitted = match lifecycle::verify(shard, &token) {
+        Ok(identity) => lifecycle::admit(shard, identity, Framing::Tcp, slot).await,
         Err(error) => Err(error),
     };
     let admitted = match admitted {
@@ -91,7 +111,7 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
             let _ = stream
                 .write_all(error_frame(code, &error.to_string()))
                 .await;
-            return;
+            return None;
         }
     };
     // `auth_ok` is written before the writer starts, so it precedes any push.
@@ -108,28 +128,29 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::n
     framed.extend_from_slice(&auth_ok);
     let (written, _) = stream.write_all(framed).await;
     if written.is_err() {
-        admitted.abandon(&shard);
-        return;
+        admitted.abandon(shard);
+        return None;
     }
-    run(shard, stream, admitted, buffer, decoder).await;
+    Some(admitted)
 }
 
+/// The frame loop; like the WebSocket one, it holds a read buffer only while bytes are in
+/// hand (see `ws_conn::run`).
 async fn run(
     shard: Rc<Shard>,
     stream: TcpStream,
     admitted: Admitted,
-    mut buffer: BytesMut,
+    mut held: Option<BytesMut>,
     mut decoder: LengthDecoder,
 ) {
     let (mut reader, write_half) = stream.into_split();
-    let registered = admitted.start(write_half);
-    let queue = registered.live.queue.clone();
+    let registered = admitted.start(&shard, write_half);
     let mut connection = Connection::new(Rc::clone(&registered.live), Transport::Tcp);
     let mut close = None;
 
     while close.is_none() {
-        loop {
-            let payload = match decoder.decode(&mut buffer) {
+        while let Some(buffer) = held.as_mut() {
+            let payload = match decoder.decode(buffer) {
                 Ok(Some(payload)) => payload,
                 Ok(None) => break,
                 Err(error) => {
@@ -153,15 +174,20 @@ async fn run(
                 break;
             }
         }
-        if close.is_some() || queue.is_finished() {
+        lifecycle::release_read_buffer(&shard, &mut held);
+        if close.is_some() || connection.queue.is_finished() {
             break;
         }
-        if lifecycle::read_or_heartbeat_timeout(&shard, &mut reader, &mut buffer).await
+        if lifecycle::read_or_heartbeat_timeout(&shard, &registered.live, &mut reader, &mut held)
+            .await
             != ReadEnd::Data
         {
             break;
         }
         connection.touch(chatify_core::routing::unix_now_ms());
+    }
+    if let Some(buffer) = held.take() {
+        shard.buffers.give(buffer);
     }
     let reason = close.unwrap_or(CloseReason::new(1000, "closing"));
     registered.close(&shard, reason, reader).await;

@@ -1,7 +1,10 @@
 //! The outbound side of a connection (shard-local): a bounded queue of pre-encoded frames
 //! and the writer task that drains it with one coalesced write per wake-up. A payload
 //! pushed to many connections is one shared `Bytes`; each connection copies it once into
-//! its write buffer alongside its small frame header.
+//! a write buffer alongside its small frame header. The write buffer is borrowed from the
+//! shard's pool when frames are queued and returned after the write, and the queue frees
+//! its storage when it drains: an idle connection's outbound side is the queue's fixed
+//! state and the parked writer task, no buffer.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -12,6 +15,7 @@ use std::task::{Poll, Waker};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt as _;
 
+use super::Shard;
 use crate::conn::{tcp, ws};
 
 /// Most bytes gathered into one write.
@@ -58,7 +62,8 @@ impl OutboundQueue {
     pub fn new(framing: Framing, frames_max: usize) -> Self {
         Self(Rc::new(RefCell::new(State {
             framing,
-            frames: VecDeque::with_capacity(frames_max.min(16)),
+            // Allocated by the first push, freed when drained (see `fill`).
+            frames: VecDeque::new(),
             frames_max,
             close: None,
             finished: false,
@@ -124,51 +129,60 @@ impl OutboundQueue {
         self.0.borrow().finished
     }
 
-    /// Waits for work, then moves queued frames (and a pending close) into `out`.
-    /// Returns true when the connection must close after this write.
-    async fn fill(&self, out: &mut BytesMut) -> bool {
+    /// Waits until there is something to write: queued frames or a close.
+    async fn work(&self) {
         poll_fn(|cx| {
             let mut state = self.0.borrow_mut();
             if state.frames.is_empty() && state.close.is_none() {
                 state.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            while out.len() < WRITE_BATCH_BYTES_MAX {
-                let Some(frame) = state.frames.pop_front() else {
-                    break;
-                };
-                match frame {
-                    Outbound::Ws { opcode, payload } => {
-                        let (header, header_len) = ws::frame_header(opcode, payload.len());
-                        out.put_slice(&header[..header_len]);
-                        out.put_slice(&payload);
-                    }
-                    Outbound::Tcp { payload } => {
-                        out.put_slice(&tcp::length_prefix(payload.len()));
-                        out.put_slice(&payload);
-                    }
-                }
-            }
-            if !state.frames.is_empty() {
-                return Poll::Ready(false);
-            }
-            match state.close {
-                Some((code, reason)) => {
-                    if state.framing == Framing::WebSocket {
-                        ws::encode_close(code, reason, out);
-                    }
-                    Poll::Ready(true)
-                }
-                None => Poll::Ready(false),
-            }
+            Poll::Ready(())
         })
-        .await
+        .await;
+    }
+
+    /// Moves queued frames (and a pending close) into `out`. Returns true when the
+    /// connection must close after this write.
+    fn fill(&self, out: &mut BytesMut) -> bool {
+        let mut state = self.0.borrow_mut();
+        while out.len() < WRITE_BATCH_BYTES_MAX {
+            let Some(frame) = state.frames.pop_front() else {
+                break;
+            };
+            match frame {
+                Outbound::Ws { opcode, payload } => {
+                    let (header, header_len) = ws::frame_header(opcode, payload.len());
+                    out.put_slice(&header[..header_len]);
+                    out.put_slice(&payload);
+                }
+                Outbound::Tcp { payload } => {
+                    out.put_slice(&tcp::length_prefix(payload.len()));
+                    out.put_slice(&payload);
+                }
+            }
+        }
+        if !state.frames.is_empty() {
+            return false;
+        }
+        // Drained: give the storage back, so an idle connection's queue holds none. Busy
+        // connections pay one small allocation per write batch.
+        state.frames = VecDeque::new();
+        match state.close {
+            Some((code, reason)) => {
+                if state.framing == Framing::WebSocket {
+                    ws::encode_close(code, reason, out);
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     fn finish(&self) {
         let mut state = self.0.borrow_mut();
         state.finished = true;
-        state.frames.clear();
+        state.frames = VecDeque::new();
     }
 }
 
@@ -178,18 +192,28 @@ fn wake(state: &mut State) {
     }
 }
 
-/// Drains the queue into the socket until a close is written or the socket breaks.
-pub async fn run<W: monoio::io::AsyncWriteRent>(queue: OutboundQueue, mut sink: W) {
-    let mut buffer = BytesMut::with_capacity(16 * 1024);
+/// Drains the queue into the socket until a close is written or the socket breaks. The
+/// write buffer comes from the shard's pool for each write and goes back after it.
+pub(super) async fn run<W: monoio::io::AsyncWriteRent>(
+    shard: Rc<Shard>,
+    queue: OutboundQueue,
+    mut sink: W,
+) {
     loop {
-        let closing = queue.fill(&mut buffer).await;
+        queue.work().await;
+        let mut buffer = shard.buffers.take();
+        let closing = queue.fill(&mut buffer);
         if !buffer.is_empty() {
-            let (result, written) = sink.write_all(buffer).await;
-            buffer = written;
-            buffer.clear();
+            // Boxed: the write's future is only alive during a write, and inline it would
+            // size the task an idle connection keeps for its whole life. One small
+            // allocation per coalesced write.
+            let (result, written) = Box::pin(sink.write_all(buffer)).await;
+            shard.buffers.give(written);
             if result.is_err() {
                 break;
             }
+        } else {
+            shard.buffers.give(buffer);
         }
         if closing {
             let _ = sink.shutdown().await;

@@ -22,20 +22,32 @@ use chatify_core::routing::unix_now_ms;
 /// The try-it page served at `/` (plain HTML + JS, no build step).
 const TRY_IT_PAGE: &str = include_str!("../../static/index.html");
 
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, _peer: std::net::SocketAddr) {
+/// The connection's task. Its allocation lives as long as the connection, so it is sized
+/// for the frame loop: the handshake's larger futures (HTTP parsing, the Redis admission,
+/// the answers) are boxed and freed once the connection is admitted.
+pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let Some((admitted, held)) = Box::pin(accept(&shard, &mut stream)).await else {
+        return;
+    };
+    run(shard, stream, admitted, held).await;
+}
+
+/// Claims a slot, then reads and answers the upgrade request; `None` when the connection
+/// was refused. Returns what the client sent after the request, if anything.
+async fn accept(shard: &Shard, stream: &mut TcpStream) -> Option<(Admitted, Option<BytesMut>)> {
     let refusal = || {
         http_error(
             HttpErrorStatus::ServiceUnavailable,
             "connection limit reached",
         )
     };
-    let Some(slot) = lifecycle::claim_slot(&shard, &mut stream, refusal).await else {
-        return;
-    };
-    let Some((admitted, buffer)) = upgrade(&shard, &mut stream, slot).await else {
-        return;
-    };
-    run(shard, stream, admitted, buffer).await;
+    let slot = lifecycle::claim_slot(shard, stream, refusal).await?;
+    let mut held = None;
+    let result = upgrade(shard, stream, slot, &mut held).await;
+    // Bytes after the request are kept for the frame loop; an emptied buffer goes back.
+    lifecycle::release_read_buffer(shard, &mut held);
+    let admitted = result?;
+    Some((admitted, held))
 }
 
 /// Reads and answers the upgrade request; `None` when the connection was refused.
@@ -43,8 +55,8 @@ async fn upgrade(
     shard: &Shard,
     stream: &mut TcpStream,
     slot: ConnectionSlot,
-) -> Option<(Admitted, BytesMut)> {
-    let mut buffer = BytesMut::with_capacity(4096);
+    held: &mut Option<BytesMut>,
+) -> Option<Admitted> {
     let parse = |buffer: &mut BytesMut| {
         let parsed = ws::parse_upgrade(buffer)?;
         Ok::<_, ws::HandshakeError>(parsed.map(|(request, consumed)| {
@@ -52,11 +64,11 @@ async fn upgrade(
             request
         }))
     };
-    let request = match lifecycle::read_handshake(shard, stream, &mut buffer, parse).await {
+    let request = match lifecycle::read_handshake(shard, stream, held, parse).await {
         Ok(request) => request,
         Err(HandshakeFailure::Invalid(
             ws::HandshakeError::NotWebSocketUpgrade | ws::HandshakeError::NoConnectionUpgrade,
-        )) if ws::plain_get_path(&buffer).as_deref() == Some("/") => {
+        )) if ws::plain_get_path(held.as_deref().unwrap_or_default()).as_deref() == Some("/") => {
             // A browser asking for the try-it page.
             metrics::counter!("chatify_gateway_page_served_total").increment(1);
             let mut response = BytesMut::new();
@@ -105,7 +117,7 @@ async fn upgrade(
                 admitted.abandon(shard);
                 return None;
             }
-            Some((admitted, buffer))
+            Some(admitted)
         }
         Err(error) => {
             let status = if error == AuthError::Unavailable {
@@ -141,19 +153,19 @@ fn error_text(error: AuthError) -> &'static str {
     }
 }
 
-async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut buffer: BytesMut) {
+/// The frame loop. Nothing here holds a buffer while the connection is idle: `held` is
+/// `Some` only from a read until its frames are decoded, or while a frame spans reads.
+async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut held: Option<BytesMut>) {
     let (mut reader, write_half) = stream.into_split();
-    let registered = admitted.start(write_half);
-    let queue = registered.live.queue.clone();
+    let registered = admitted.start(&shard, write_half);
     let mut connection = Connection::new(Rc::clone(&registered.live), Transport::WebSocketText);
-    let mut json_scratch: Vec<u8> = Vec::with_capacity(1024);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
 
     let close = 'connection: loop {
-        // Every complete message already in the buffer, in order.
-        loop {
-            let message = match decoder.decode(&mut buffer) {
+        // Every complete message already read, in order.
+        while let Some(buffer) = held.as_mut() {
+            let message = match decoder.decode(buffer) {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
                 Err(error) => {
@@ -164,11 +176,12 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut buffer
             };
             let outcome = match message {
                 ws::Message::Text(payload) => {
-                    // simd-json parses in place, so the payload is copied into a scratch
-                    // buffer reused for the life of the connection (no allocation per frame).
-                    json_scratch.clear();
-                    json_scratch.extend_from_slice(&payload);
-                    match chatify_proto::json::decode_client_frame_in_place(&mut json_scratch) {
+                    // simd-json parses in place: in the shard's scratch copy of the payload.
+                    let frame = shard.buffers.with_json_scratch(
+                        &payload,
+                        chatify_proto::json::decode_client_frame_in_place,
+                    );
+                    match frame {
                         Ok(frame) => connection.on_frame(&shard, Transport::WebSocketText, frame),
                         Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
                     }
@@ -183,7 +196,7 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut buffer
                     Err(_) => Err(CloseReason::new(1007, "invalid protobuf frame")),
                 },
                 ws::Message::Ping(payload) => {
-                    queue.push_control(ws::Opcode::Pong, payload);
+                    connection.queue.push_control(ws::Opcode::Pong, payload);
                     Ok(())
                 }
                 ws::Message::Pong(_) => Ok(()),
@@ -199,14 +212,20 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut buffer
                 break 'connection close;
             }
         }
-        if queue.is_finished() {
+        lifecycle::release_read_buffer(&shard, &mut held);
+        if connection.queue.is_finished() {
             break CloseReason::new(1000, "write side closed");
         }
-        match lifecycle::read_or_heartbeat_timeout(&shard, &mut reader, &mut buffer).await {
+        match lifecycle::read_or_heartbeat_timeout(&shard, &registered.live, &mut reader, &mut held)
+            .await
+        {
             ReadEnd::Data => connection.touch(unix_now_ms()),
             ReadEnd::TimedOut => break CloseReason::new(1000, "heartbeat timeout"),
             ReadEnd::Closed => break CloseReason::new(1000, "peer gone"),
         }
     };
+    if let Some(buffer) = held.take() {
+        shard.buffers.give(buffer);
+    }
     registered.close(&shard, close, reader).await;
 }
