@@ -1,6 +1,10 @@
 //! Correctness accounting of the chat scenarios: every client (one user, whatever socket it
 //! is on now) keeps, per session, the set of seqs it has seen (its own acks, deliveries,
-//! sync pages), counting a seq seen twice from the server as a duplicate. At the end the
+//! sync pages). A seq pushed twice (two acks, two deliveries, or an ack and a delivery) is
+//! a duplicate: the server sent it twice. A seq that came both pushed and in a catch-up
+//! `sync` page is a resync overlap, not a duplicate: the sync asked for it (a message
+//! stored while the client was away can be delivered to its new connection as well as
+//! returned by the sync that follows the reconnect). At the end the
 //! views are merged: an acked message that a member of its session never saw is lost, a
 //! hole between the lowest and highest seq a client saw is a gap. Shard-local while the run
 //! goes; merged once in the process that holds all members of each session.
@@ -94,10 +98,32 @@ impl SeqSet {
 /// What one client saw of one session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionView {
+    /// Every seq seen, however it came.
     pub seen: SeqSet,
+    /// Seqs the server pushed (acks and deliveries); a second push is a duplicate.
+    pub pushed: SeqSet,
+    /// Seqs that came in a `sync` page.
+    pub synced: SeqSet,
     /// Seqs of this client's own acked messages.
     pub acked: Vec<u64>,
     pub duplicates: u64,
+    /// Seqs that came both pushed and in a sync page (either order), once each.
+    pub resync_overlap: u64,
+}
+
+impl SessionView {
+    /// A pushed seq (ack or delivery); `false` when the server had pushed it before.
+    fn on_pushed(&mut self, seq: u64) -> bool {
+        if !self.pushed.insert(seq) {
+            self.duplicates += 1;
+            return false;
+        }
+        if self.synced.contains(seq) {
+            self.resync_overlap += 1;
+        }
+        self.seen.insert(seq);
+        true
+    }
 }
 
 /// Everything one client saw, by session id. Lives with the client across reconnects.
@@ -120,27 +146,24 @@ impl ClientView {
     /// An `ack` of this client's own send.
     pub fn on_ack(&mut self, session_id: &str, seq: u64) {
         let view = self.session(session_id);
-        if view.seen.insert(seq) {
+        if view.on_pushed(seq) {
             view.acked.push(seq);
-        } else {
-            view.duplicates += 1;
         }
     }
 
-    /// A `deliver` or a message of a `sync` page. `false` when it is a duplicate.
+    /// A `deliver`. `false` when it is a duplicate (pushed before).
     pub fn on_message(&mut self, session_id: &str, seq: u64) -> bool {
-        let view = self.session(session_id);
-        let new = view.seen.insert(seq);
-        if !new {
-            view.duplicates += 1;
-        }
-        new
+        self.session(session_id).on_pushed(seq)
     }
 
-    /// A message that comes again on purpose (a `sync` overlapping what was seen): not a
-    /// duplicate, just recorded.
+    /// A message of a `sync` page: asked for, so never a duplicate; one that was also
+    /// pushed counts as a resync overlap.
     pub fn on_resync(&mut self, session_id: &str, seq: u64) {
-        self.session(session_id).seen.insert(seq);
+        let view = self.session(session_id);
+        if view.synced.insert(seq) && view.pushed.contains(seq) {
+            view.resync_overlap += 1;
+        }
+        view.seen.insert(seq);
     }
 
     /// Highest seq seen in a session (the `after_seq` of a catch-up sync).
@@ -161,8 +184,12 @@ pub struct Verdict {
     pub deliveries_expected: u64,
     /// (acked message, member) pairs the member never saw by the end of the grace period.
     pub lost: u64,
-    /// Seqs a client got twice from the server (delivery or ack).
+    /// Seqs the server pushed twice to a client (two deliveries, two acks, or both).
     pub duplicates: u64,
+    /// Seqs a client got both pushed and in a catch-up `sync` page: expected around a
+    /// reconnect, not a duplicate.
+    #[serde(default)]
+    pub resync_overlap: u64,
     /// Holes in the seqs a client saw of a session, summed over clients and sessions.
     pub seq_gaps: u64,
     /// Sessions with at least one lost message, up to a few, for a first look.
@@ -179,6 +206,7 @@ pub fn verdict(views: &[ClientView], members: &BTreeMap<String, Vec<usize>>) -> 
     for view in views {
         for session in view.sessions.values() {
             verdict.duplicates += session.duplicates;
+            verdict.resync_overlap += session.resync_overlap;
             verdict.seq_gaps += session.seen.holes();
         }
     }
@@ -301,7 +329,34 @@ mod tests {
         views[1].on_resync(session, 5);
         let result = verdict(&views, &members);
         assert_eq!(result.duplicates, 1);
+        assert_eq!(result.resync_overlap, 1);
         assert_eq!(result.lost, 0);
+    }
+
+    #[test]
+    fn a_delivery_after_the_sync_that_returned_it_is_an_overlap_not_a_duplicate() {
+        let session = "p2p:a:b";
+        let mut views = vec![ClientView::default(), ClientView::default()];
+        for seq in 1..=4 {
+            views[0].on_ack(session, seq);
+        }
+        // b saw 1 live, dropped, synced 2..=4 after reconnecting, then the live deliveries
+        // of 3 and 4 reached its new connection as well.
+        views[1].on_message(session, 1);
+        for seq in 2..=4 {
+            views[1].on_resync(session, seq);
+        }
+        assert!(views[1].on_message(session, 3));
+        assert!(views[1].on_message(session, 4));
+        let members = BTreeMap::from([(session.to_owned(), vec![0, 1])]);
+        let result = verdict(&views, &members);
+        assert_eq!(
+            (result.duplicates, result.resync_overlap, result.lost),
+            (0, 2, 0)
+        );
+        // A second push of 4 is still a duplicate.
+        assert!(!views[1].on_message(session, 4));
+        assert_eq!(verdict(&views, &members).duplicates, 1);
     }
 
     #[test]

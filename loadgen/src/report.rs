@@ -365,8 +365,14 @@ pub fn table(report: &Report) -> String {
         let v = &correctness.verdict;
         let _ = writeln!(
             out,
-            "correctness  acked {}  lost {}  duplicates {}  seq gaps {}  refused {}  unanswered {}",
-            v.acked, v.lost, v.duplicates, v.seq_gaps, correctness.refused, correctness.unanswered
+            "correctness  acked {}  lost {}  duplicates {}  resync overlap {}  seq gaps {}  refused {}  unanswered {}",
+            v.acked,
+            v.lost,
+            v.duplicates,
+            v.resync_overlap,
+            v.seq_gaps,
+            correctness.refused,
+            correctness.unanswered
         );
     }
     if let Some(server) = &report.server {

@@ -74,6 +74,7 @@ impl ProcessResult {
                 mine.deliveries_expected += theirs.deliveries_expected;
                 mine.lost += theirs.lost;
                 mine.duplicates += theirs.duplicates;
+                mine.resync_overlap += theirs.resync_overlap;
                 mine.seq_gaps += theirs.seq_gaps;
                 for session in theirs.lossy_sessions {
                     if mine.lossy_sessions.len() < 10 {
