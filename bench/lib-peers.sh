@@ -5,6 +5,9 @@
 #   gateway        gateway-uring, io_uring, CHATIFY_SHARDS=1 (one server core)
 #   gateway-epoll  gateway-uring, monoio's epoll driver (CHATIFY_IO_DRIVER=legacy), 1 shard
 #   gateway-2core  gateway-uring, io_uring, CHATIFY_SHARDS=2, not pinned (both cores)
+#   gateway-before, gateway-epoll-before
+#                  the same as gateway / gateway-epoll with the binary GATEWAY_BEFORE_BIN (an
+#                  earlier build, for before/after comparisons in one run)
 #   tungstenite    bench/src/bin/ws_ping_baseline.rs (tokio + tokio-tungstenite)
 #   fastwebsockets bench/src/bin/ws_ping_fastwebsockets.rs (tokio + hyper + fastwebsockets)
 #   node-ws        bench/node/ws_server.js (Node, npm `ws`)
@@ -56,15 +59,18 @@ start_server() {
     local name=$1 port=$2 log=$3 node_id=${4:-gw-bench}
     local pin=(taskset -c "$SERVER_CPU")
     case "$name" in
-        gateway | gateway-epoll | gateway-2core)
+        gateway | gateway-epoll | gateway-2core | gateway-before | gateway-epoll-before)
             : "${REDIS_URL:?REDIS_URL must be set (the gateway checks the token deny-list in Redis)}"
-            local driver=uring shards=1
-            [[ $name == gateway-epoll ]] && driver=legacy
+            local driver=uring shards=1 binary=$BIN/gateway-uring
+            if [[ $name == *-before ]]; then
+                binary=${GATEWAY_BEFORE_BIN:?GATEWAY_BEFORE_BIN must name the earlier gateway-uring binary}
+            fi
+            [[ $name == gateway-epoll || $name == gateway-epoll-before ]] && driver=legacy
             [[ $name == gateway-2core ]] && { shards=2; pin=(); }
             CHATIFY_NODE_ID=$node_id CHATIFY_WS_ADDR=127.0.0.1:$port \
                 CHATIFY_TCP_ADDR=127.0.0.1:$((port + 1000)) CHATIFY_ADMIN_ADDR=127.0.0.1:$((port + 2000)) \
                 CHATIFY_SHARDS=$shards CHATIFY_IO_DRIVER=$driver RUST_LOG=warn \
-                "${pin[@]}" "$BIN/gateway-uring" >"$log" 2>&1 &
+                "${pin[@]}" "$binary" >"$log" 2>&1 &
             ;;
         tungstenite)
             "${pin[@]}" "$BIN/ws_ping_baseline" --listen "127.0.0.1:$port" --worker-threads 1 >"$log" 2>&1 &
@@ -91,6 +97,8 @@ server_label() {
         gateway) echo "gateway-uring io_uring, 1 shard" ;;
         gateway-epoll) echo "gateway-uring epoll, 1 shard" ;;
         gateway-2core) echo "gateway-uring io_uring, 2 shards, both cores" ;;
+        gateway-before) echo "gateway-uring io_uring, 1 shard, before (GATEWAY_BEFORE_BIN)" ;;
+        gateway-epoll-before) echo "gateway-uring epoll, 1 shard, before (GATEWAY_BEFORE_BIN)" ;;
         tungstenite) echo "tokio + tokio-tungstenite" ;;
         fastwebsockets) echo "tokio + fastwebsockets" ;;
         node-ws) echo "Node ws" ;;

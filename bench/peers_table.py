@@ -10,12 +10,14 @@ LABELS = {
     "gateway": "gateway-uring io_uring, 1 shard",
     "gateway-epoll": "gateway-uring epoll, 1 shard",
     "gateway-2core": "gateway-uring io_uring, 2 shards (both cores, shared with the client)",
+    "gateway-before": "gateway-uring io_uring, 1 shard, before (GATEWAY_BEFORE_BIN)",
+    "gateway-epoll-before": "gateway-uring epoll, 1 shard, before (GATEWAY_BEFORE_BIN)",
     "tungstenite": "tokio + tokio-tungstenite",
     "fastwebsockets": "tokio + fastwebsockets",
     "node-ws": "Node ws",
     "uws": "uWebSockets.js",
 }
-GATEWAYS = ("gateway", "gateway-epoll", "gateway-2core")
+GATEWAYS = ("gateway", "gateway-epoll", "gateway-2core", "gateway-before", "gateway-epoll-before")
 
 
 def load(results, server, kind, runs):

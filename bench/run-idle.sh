@@ -14,7 +14,8 @@
 #
 # Usage: bench/run-idle.sh [single|scale|both]     (under flock /work/bench.lock)
 # Env:   TABLE_ONLY (a results dir: only remake its single table), RUNS (3), IDLE_CONNECTIONS (19000), HEARTBEAT_SECONDS (10), SETTLE_SECONDS (15),
-#        SERVERS ("gateway tungstenite fastwebsockets node-ws uws"), GATEWAYS (6),
+#        SERVERS ("gateway tungstenite fastwebsockets node-ws uws"; also gateway-epoll, and
+#        gateway-before / gateway-epoll-before with GATEWAY_BEFORE_BIN), GATEWAYS (6),
 #        PER_GATEWAY (18000), SERVER_CPU (0), CLIENT_CPU (1), BUILD (1), CARGO_TARGET_DIR
 # Needs Redis (REDIS_URL in .local/chatify.env): the gateway checks the token deny-list.
 set -euo pipefail
@@ -174,7 +175,11 @@ if [[ $WHAT == single || $WHAT == both ]]; then
     python3 - "$RESULTS" "$RUNS" "${SERVERS[@]}" <<'EOF' | tee "$RESULTS/results.md"
 import json, statistics, sys
 results, runs, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-labels = {"gateway": "gateway-uring io_uring, 1 shard", "tungstenite": "tokio + tokio-tungstenite",
+labels = {"gateway": "gateway-uring io_uring, 1 shard",
+          "gateway-epoll": "gateway-uring epoll, 1 shard",
+          "gateway-before": "gateway-uring io_uring, 1 shard, before (GATEWAY_BEFORE_BIN)",
+          "gateway-epoll-before": "gateway-uring epoll, 1 shard, before (GATEWAY_BEFORE_BIN)",
+          "tungstenite": "tokio + tokio-tungstenite",
           "fastwebsockets": "tokio + fastwebsockets", "node-ws": "Node ws", "uws": "uWebSockets.js"}
 rows = {}
 for s in servers:
