@@ -41,6 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute(
             ".chatify.client.v1.ChatMessage.recalled",
             "#[serde(skip_serializing_if = \"std::ops::Not::not\")]",
+        )
+        // A page is written by hand so the reader can pass cached, already-encoded
+        // messages through (src/page.rs); same wire message.
+        .extern_path(
+            ".chatify.storage.v1.QueryMessagesResponse",
+            "crate::page::QueryMessagesResponse",
         );
     // Enum fields are i32 in prost; on the JSON wire they are snake_case strings.
     for (field, module) in [

@@ -3,6 +3,7 @@
 //! gRPC storage and group services. This is the only crate that knows protobuf.
 
 pub mod json;
+pub mod page;
 
 /// Frames between clients and gateway-uring (SPEC §3).
 pub mod client {
@@ -25,6 +26,9 @@ pub mod storage {
     pub mod v1 {
         #![allow(missing_docs, clippy::all)]
         tonic::include_proto!("chatify.storage.v1");
+
+        // Written by hand (`crate::page`): a page may carry already-encoded messages.
+        pub use crate::page::QueryMessagesResponse;
     }
 }
 

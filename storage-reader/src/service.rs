@@ -92,9 +92,10 @@ impl Storage {
                         "time ranges are read forward only".into(),
                     ));
                 }
-                if range.end_ms <= range.start_ms {
+                // 0 is unbounded at either end (proto `TimeRange`).
+                if range.end_ms != 0 && range.end_ms <= range.start_ms {
                     return Err(ReaderError::InvalidArgument(
-                        "time range end_ms must be after start_ms".into(),
+                        "time range end_ms must be after start_ms (or 0, unbounded)".into(),
                     ));
                 }
                 self.gatekeeper.check_revocation(caller).await?;
@@ -115,7 +116,7 @@ impl Storage {
                 messages.truncate(limit);
                 let last_seq = messages.last().map(|message| message.seq);
                 store::Page {
-                    messages,
+                    messages: store::PageMessages::Decoded(messages),
                     has_more,
                     last_seq,
                     source: store::Source::Archive,
@@ -156,10 +157,15 @@ impl Storage {
             (true, Some(last)) => last.to_string(),
             _ => String::new(),
         };
+        let (messages, encoded_messages) = match page.messages {
+            store::PageMessages::Decoded(messages) => (messages, Vec::new()),
+            store::PageMessages::Encoded(encoded) => (Vec::new(), encoded),
+        };
         Ok(QueryMessagesResponse {
-            messages: page.messages,
+            messages,
             next_cursor,
             has_more: page.has_more,
+            encoded_messages,
         })
     }
 
@@ -236,7 +242,7 @@ impl Storage {
         };
         if clamped.before != 0 && clamped.before <= clamped.after + 1 {
             return Ok(store::Page {
-                messages: Vec::new(),
+                messages: store::PageMessages::Decoded(Vec::new()),
                 has_more: false,
                 last_seq: None,
                 source: store::Source::Cache,
@@ -244,15 +250,15 @@ impl Storage {
         }
         let cached = if clamped.after == page.after {
             if store::cache_serves(page, &lowest, cached.len()) {
-                Some(store::decode_window(session, cached)?)
+                Some(store::index_window(session, cached)?)
             } else {
                 None
             }
         } else if page.backward {
             // Read from the top down: what the watermark hides is the window's tail, and
             // the rest is exactly the window from the watermark.
-            let mut window = store::decode_window(session, cached)?;
-            window.retain(|message| message.seq > clamped.after);
+            let mut window = store::index_window(session, cached)?;
+            window.retain(|message| message.seq() > clamped.after);
             store::cache_serves(clamped, &lowest, window.len()).then_some(window)
         } else {
             return store::seq_page(

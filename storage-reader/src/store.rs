@@ -6,6 +6,7 @@ use chatify_core::ids::SessionId;
 use chatify_core::keys;
 use chatify_proto::Message as _;
 use chatify_proto::client::v1::{ChatMessage, MessageType};
+use chatify_proto::page::EncodedChatMessage;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
@@ -194,11 +195,64 @@ pub enum ArchiveStore {
     Mongo,
 }
 
+/// A page's messages: built from archive rows, or the hot cache's entries as they are
+/// (already-encoded `ChatMessage`s, passed through to the response without decoding).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PageMessages {
+    Decoded(Vec<ChatMessage>),
+    Encoded(Vec<EncodedChatMessage>),
+}
+
+impl PageMessages {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Decoded(messages) => messages.len(),
+            Self::Encoded(messages) => messages.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a page window is cut by: its entries' seqs.
+trait Sequenced {
+    fn seq(&self) -> u64;
+}
+
+impl Sequenced for ChatMessage {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Sequenced for EncodedChatMessage {
+    fn seq(&self) -> u64 {
+        EncodedChatMessage::seq(self)
+    }
+}
+
+/// Cuts a window of `limit + 1` to the page: (the visible messages, has_more, the seq of the
+/// last message covered). The window is cut before `hidden` seqs are removed, so hiding
+/// never ends paging early.
+fn cut_window<T: Sequenced>(
+    mut window: Vec<T>,
+    limit: usize,
+    hidden: &[u64],
+) -> (Vec<T>, bool, Option<u64>) {
+    let has_more = window.len() > limit;
+    window.truncate(limit);
+    let last_seq = window.last().map(Sequenced::seq);
+    window.retain(|message| !hidden.contains(&message.seq()));
+    (window, has_more, last_seq)
+}
+
 /// One page of a seq query for one user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
     /// Visible messages of the page, in page order (hidden ones for the user removed).
-    pub messages: Vec<ChatMessage>,
+    pub messages: PageMessages,
     /// Whether messages lie beyond this page in its direction.
     pub has_more: bool,
     /// Seq of the last message the page covered, visible or not: the next page's cursor.
@@ -224,7 +278,7 @@ pub async fn seq_page(
     add_window_read(&mut pipe, session, page);
     let (lowest, cached): (LowestEntry, Vec<Vec<u8>>) = pipe.query_async(redis).await?;
     let cached = if cache_serves(page, &lowest, cached.len()) {
-        Some(decode_window(session, cached)?)
+        Some(index_window(session, cached)?)
     } else {
         None
     };
@@ -277,15 +331,16 @@ pub fn cache_serves(page: SeqPage, lowest: &LowestEntry, window_len: usize) -> b
     }
 }
 
-/// Hot-cache entries decoded.
-pub fn decode_window(
+/// Hot-cache entries checked to be well-formed encoded `ChatMessage`s (the writer's layout,
+/// `storage-writer/src/cache.rs`), not decoded: a cached page passes them through.
+pub fn index_window(
     session: &SessionId,
     cached: Vec<Vec<u8>>,
-) -> Result<Vec<ChatMessage>, ReaderError> {
+) -> Result<Vec<EncodedChatMessage>, ReaderError> {
     cached
         .into_iter()
         .map(|bytes| {
-            ChatMessage::decode(bytes.as_slice()).map_err(|error| ReaderError::Unavailable {
+            EncodedChatMessage::new(bytes).map_err(|error| ReaderError::Unavailable {
                 store: "redis",
                 reason: format!(
                     "undecodable hot-cache entry in {}: {error}",
@@ -305,28 +360,30 @@ pub async fn page_from(
     session: &SessionId,
     page: SeqPage,
     hidden: &[u64],
-    cached: Option<Vec<ChatMessage>>,
+    cached: Option<Vec<EncodedChatMessage>>,
 ) -> Result<Page, ReaderError> {
-    let (mut window, source) = if let Some(cached) = cached {
-        (cached, Source::Cache)
+    let (label, source) = if cached.is_some() {
+        ("cache", Source::Cache)
     } else {
-        let messages = match archive {
-            ArchiveStore::Postgres => postgres_window(postgres, session, page).await?,
-            ArchiveStore::Mongo => mongo_window(mongo, session, page).await?,
-        };
-        (messages, Source::Archive)
-    };
-    let label = match source {
-        Source::Cache => "cache",
-        Source::Archive => "archive",
+        ("archive", Source::Archive)
     };
     metrics::counter!("chatify_reader_page_source_total", "source" => label).increment(1);
-    let has_more = window.len() > page.limit;
-    window.truncate(page.limit);
-    let last_seq = window.last().map(|message| message.seq);
-    window.retain(|message| !hidden.contains(&message.seq));
+    let (messages, has_more, last_seq) = match cached {
+        Some(window) => {
+            let (messages, has_more, last_seq) = cut_window(window, page.limit, hidden);
+            (PageMessages::Encoded(messages), has_more, last_seq)
+        }
+        None => {
+            let window = match archive {
+                ArchiveStore::Postgres => postgres_window(postgres, session, page).await?,
+                ArchiveStore::Mongo => mongo_window(mongo, session, page).await?,
+            };
+            let (messages, has_more, last_seq) = cut_window(window, page.limit, hidden);
+            (PageMessages::Decoded(messages), has_more, last_seq)
+        }
+    };
     Ok(Page {
-        messages: window,
+        messages,
         has_more,
         last_seq,
         source,
@@ -420,7 +477,8 @@ fn mongo_message(
     })
 }
 
-/// Messages of a time range (archive only), by seq from `after_seq`.
+/// Messages of a time range `[start_ms, end_ms)` (end 0: unbounded; archive only), by seq
+/// from `after_seq`, without those `user` hid.
 pub async fn time_page(
     postgres: &PgPool,
     user: &str,
@@ -432,7 +490,7 @@ pub async fn time_page(
     let rows: Vec<ArchiveRow> = sqlx::query_as(&format!(
         "SELECT {ARCHIVE_COLUMNS} FROM messages m \
          WHERE m.session_id = $1 AND m.created_at >= to_timestamp($2 / 1000.0) \
-           AND m.created_at < to_timestamp($3 / 1000.0) AND m.seq > $4 \
+           AND ($3 = 0 OR m.created_at < to_timestamp($3 / 1000.0)) AND m.seq > $4 \
            AND NOT EXISTS (SELECT 1 FROM message_hides h WHERE h.user_id = $5 \
                            AND h.message_id = m.message_id AND h.hidden_from <= now()) \
          ORDER BY m.seq ASC LIMIT $6"

@@ -89,6 +89,15 @@ fn as_device<T>(user: &str, device: &str, message: T) -> Request<T> {
     request
 }
 
+/// A request carrying exactly `token`.
+fn with_token<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 fn as_user<T>(user: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
@@ -464,6 +473,114 @@ async fn pages_cross_the_cache_and_archive_boundary_without_gap_or_duplicate() {
 }
 
 #[tokio::test]
+async fn time_ranges_page_by_seq_and_hide_what_the_caller_deleted() {
+    let mut world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 10).await;
+    // Each message's server time, as the seq pages report it.
+    let all = world
+        .client
+        .query_messages(as_user(
+            &bob,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(all.len(), 10);
+    let at: Vec<i64> = all.iter().map(|message| message.timestamp).collect();
+    assert!(at.windows(2).all(|pair| pair[0] < pair[1]), "{at:?}");
+    // Bob deletes seq 4 for himself.
+    world
+        .client
+        .delete_message(as_user(
+            &bob,
+            DeleteMessageRequest {
+                message_id: all[3].message_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let time_page = |world: &World, user: &str, range: (i64, i64), limit: u32, cursor: &str| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            user,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                range: Some(query_messages_request::Range::Time(
+                    chatify_proto::storage::v1::TimeRange {
+                        start_ms: range.0,
+                        end_ms: range.1,
+                    },
+                )),
+                limit,
+                cursor: cursor.to_owned(),
+                ..Default::default()
+            },
+        );
+        async move {
+            client
+                .query_messages(request)
+                .await
+                .map(|response| response.into_inner())
+        }
+    };
+    // [time of seq 2, time of seq 8): seqs 2..=7, without bob's deleted 4, 3 a page.
+    let first = time_page(&world, &bob, (at[1], at[7]), 3, "")
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = first.messages.iter().map(|m| m.seq).collect();
+    assert_eq!((seqs, first.has_more), (vec![2, 3, 5], true));
+    let second = time_page(&world, &bob, (at[1], at[7]), 3, &first.next_cursor)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = second.messages.iter().map(|m| m.seq).collect();
+    assert_eq!((seqs, second.has_more), (vec![6, 7], false));
+    assert!(second.next_cursor.is_empty());
+    // Alice did not delete it; an end of 0 is unbounded.
+    let open = time_page(&world, &alice, (at[7], 0), 0, "").await.unwrap();
+    let seqs: Vec<u64> = open.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![8, 9, 10]);
+    assert_eq!(open.messages[0].content, "message 7");
+    // An empty range, and a backward time range, are refused.
+    let empty = time_page(&world, &bob, (at[5], at[5]), 0, "")
+        .await
+        .expect_err("empty range");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let backward = world
+        .client
+        .query_messages(as_user(
+            &bob,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                range: Some(query_messages_request::Range::Time(
+                    chatify_proto::storage::v1::TimeRange {
+                        start_ms: at[0],
+                        end_ms: 0,
+                    },
+                )),
+                direction: Direction::Backward as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("backward time range");
+    assert_eq!(backward.code(), Code::InvalidArgument);
+    // A stranger is refused a time range too.
+    let stranger = world.user("mallory");
+    let refused = time_page(&world, &stranger, (at[0], 0), 0, "")
+        .await
+        .expect_err("not a member");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
 async fn identity_and_every_refusal_have_their_code() {
     let mut world = World::start().await;
     let (alice, bob, eve) = (world.user("alice"), world.user("bob"), world.user("eve"));
@@ -524,6 +641,48 @@ async fn identity_and_every_refusal_have_their_code() {
         .query_messages(as_device(&bob, "phone", query(&chat.to_string())))
         .await
         .unwrap();
+    // A token the reader has verified (and so remembers) is refused as soon as it is
+    // revoked: the deny-list is read on every call, by a page and by any other RPC.
+    let watch = device_token(&bob, "watch", &format!("j-{bob}-watch"));
+    let unread = || GetUnreadCountRequest {
+        session_id: chat.to_string(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        world
+            .client
+            .query_messages(with_token(&watch, query(&chat.to_string())))
+            .await
+            .unwrap();
+        world
+            .client
+            .get_unread_count(with_token(&watch, unread()))
+            .await
+            .unwrap();
+    }
+    redis::cmd("SET")
+        .arg(keys::revoked_token(&format!("j-{bob}-watch")))
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            world
+                .client
+                .query_messages(with_token(&watch, query(&chat.to_string())))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    let refused = world
+        .client
+        .get_unread_count(with_token(&watch, unread()))
+        .await
+        .expect_err("revoked after it was verified");
+    assert_eq!(refused.code(), Code::Unauthenticated);
     // A stranger, a forged user_id, a bad argument, an unknown group.
     let stranger = world.user("mallory");
     let refused = world
@@ -613,6 +772,195 @@ async fn identity_and_every_refusal_have_their_code() {
         .await
         .expect_err("unknown id");
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn every_session_rpc_refuses_a_non_member() {
+    use chatify_proto::storage::v1::RecallMessageRequest;
+    let mut world = World::start().await;
+    let (alice, bob, mallory) = (
+        world.user("alice"),
+        world.user("bob"),
+        world.user("mallory"),
+    );
+    let trudy = world.user("trudy");
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 2).await;
+    let created = world
+        .groups
+        .create_group(as_user(
+            &alice,
+            CreateGroupRequest {
+                name: "closed".into(),
+                member_ids: vec![bob.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let group = SessionId::parse(&created.session_id).unwrap();
+    world.chat(&alice, &group, 0, 1).await;
+    let (first,): (uuid::Uuid,) =
+        sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 AND seq = 1")
+            .bind(chat.to_string())
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    let message_id = first.to_string();
+    let denied = |result: Result<(), tonic::Status>, rpc: &str| {
+        let status = result.expect_err(rpc);
+        assert_eq!(status.code(), Code::PermissionDenied, "{rpc}: {status:?}");
+        assert!(status.message().contains(&mallory), "{rpc}: {status:?}");
+    };
+    let client = &mut world.client;
+    for session in [&chat, &group] {
+        let session = session.to_string();
+        denied(
+            client
+                .query_messages(as_user(
+                    &mallory,
+                    QueryMessagesRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map(drop),
+            "QueryMessages",
+        );
+        denied(
+            client
+                .clear_session(as_user(
+                    &mallory,
+                    ClearSessionRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map(drop),
+            "ClearSession",
+        );
+        denied(
+            client
+                .mark_message_read(as_user(
+                    &mallory,
+                    MarkMessageReadRequest {
+                        session_id: session.clone(),
+                        seq: 1,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map(drop),
+            "MarkMessageRead",
+        );
+        denied(
+            client
+                .get_unread_count(as_user(
+                    &mallory,
+                    GetUnreadCountRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map(drop),
+            "GetUnreadCount",
+        );
+    }
+    denied(
+        client
+            .get_message(as_user(
+                &mallory,
+                GetMessageRequest {
+                    message_id: message_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "GetMessage",
+    );
+    denied(
+        client
+            .delete_message(as_user(
+                &mallory,
+                DeleteMessageRequest {
+                    message_id: message_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "DeleteMessage",
+    );
+    denied(
+        client
+            .recall_message(as_user(
+                &mallory,
+                RecallMessageRequest {
+                    message_id: message_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "RecallMessage",
+    );
+    let groups = &mut world.groups;
+    denied(
+        groups
+            .list_members(as_user(
+                &mallory,
+                ListMembersRequest {
+                    session_id: group.to_string(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "ListMembers",
+    );
+    denied(
+        groups
+            .add_members(as_user(
+                &mallory,
+                AddMembersRequest {
+                    session_id: group.to_string(),
+                    member_ids: vec![trudy.clone()],
+                    role: Role::Member as i32,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "AddMembers",
+    );
+    denied(
+        groups
+            .remove_members(as_user(
+                &mallory,
+                RemoveMembersRequest {
+                    session_id: group.to_string(),
+                    member_ids: vec![bob.clone()],
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        "RemoveMembers",
+    );
+    // Nothing they tried changed anything: the members still read everything, unhidden.
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2]);
+    assert_eq!(world.all_pages(&bob, &group, false).await, vec![1]);
+    let (hides,): (i64,) = sqlx::query_as("SELECT count(*) FROM message_hides WHERE user_id = $1")
+        .bind(&mallory)
+        .fetch_one(&world.postgres)
+        .await
+        .unwrap();
+    assert_eq!(hides, 0);
 }
 
 #[tokio::test]

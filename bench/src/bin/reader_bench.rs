@@ -14,7 +14,13 @@
 //!
 //! Each row also says how many cores the callers, the reader and redis-server used during
 //! the case (thread CPU time from /proc, redis-server's from `INFO cpu`), so a run on a
-//! small machine shows which of them was the bottleneck.
+//! small machine shows which of them was the bottleneck, and the reader's CPU per call
+//! (which other load on the machine changes less than calls/s).
+//!
+//! `--rounds N` runs raw-redis and query-cache N times alternately (then the archive and
+//! list-sessions cases N times each) and ends with the median of each case and the median
+//! of the per-round query-cache ÷ raw-redis ratios. `--cases` picks the cases to run (e.g.
+//! `--cases query-cache --seconds 30` to profile one).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +61,24 @@ struct Args {
     /// Worker threads of the reader's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
+    /// Times each case runs (raw-redis and query-cache alternate).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Cases to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw-redis,query-cache,query-archive,list-sessions"
+    )]
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    RawRedis,
+    QueryCache,
+    QueryArchive,
+    ListSessions,
 }
 
 fn incoming(sender: &str, session: &SessionId, i: usize, at: i64) -> Incoming {
@@ -189,13 +213,14 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token(&bob)?).parse()?;
 
     println!(
-        "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call | cores: callers / reader / redis |\n|---|---|---|---|---|---|---|---|"
+        "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call | cores: callers / reader / redis | reader µs CPU / call |\n|---|---|---|---|---|---|---|---|---|"
     );
     let duration = Duration::from_secs(args.seconds);
     let mut stats = redis.clone();
     let hot = keys::session_hot_cache(&chat);
-    let raw = run_case(&mut stats, args.concurrency, duration, {
+    let raw_call = {
         let redis = redis.clone();
+        let hot = hot.clone();
         move || {
             let mut redis = redis.clone();
             let hot = hot.clone();
@@ -217,10 +242,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
                 anyhow::Ok(decoded)
             }
         }
-    })
-    .await?;
-    print_row("raw-redis", args.concurrency, &raw);
-
+    };
     let query = |channel: tonic::transport::Channel| {
         let bearer = bearer.clone();
         let session_id = chat.to_string();
@@ -241,29 +263,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             }
         }
     };
-    let cached = run_case(
-        &mut redis,
-        args.concurrency,
-        duration,
-        query(channel.clone()),
-    )
-    .await?;
-    print_row("query-cache", args.concurrency, &cached);
-
-    redis::cmd("DEL")
-        .arg(keys::session_hot_cache(&chat))
-        .exec_async(&mut redis)
-        .await?;
-    let archive = run_case(
-        &mut redis,
-        args.concurrency,
-        duration,
-        query(channel.clone()),
-    )
-    .await?;
-    print_row("query-archive", args.concurrency, &archive);
-
-    let sessions = run_case(&mut stats, args.concurrency, duration, {
+    let sessions_call = {
         let channel = channel.clone();
         let bearer = bearer.clone();
         move || {
@@ -280,18 +280,123 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
                 anyhow::Ok(page.sessions.len())
             }
         }
-    })
-    .await?;
-    print_row(
-        &format!("list-sessions ({} sessions)", args.sessions + 1),
-        args.concurrency,
-        &sessions,
-    );
+    };
+    let wants = |case: Case| args.cases.contains(&case);
+    let sessions_name = format!("list-sessions ({} sessions)", args.sessions + 1);
+    let mut results: Vec<(&str, Vec<Outcome>)> = Vec::new();
+    let (mut raw, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        if wants(Case::RawRedis) {
+            let outcome =
+                run_case(&mut stats, args.concurrency, duration, raw_call.clone()).await?;
+            print_row("raw-redis", args.concurrency, &outcome);
+            raw.push(outcome);
+        }
+        if wants(Case::QueryCache) {
+            let outcome = run_case(
+                &mut stats,
+                args.concurrency,
+                duration,
+                query(channel.clone()),
+            )
+            .await?;
+            print_row("query-cache", args.concurrency, &outcome);
+            cached.push(outcome);
+        }
+    }
+    let ratios: Vec<f64> = raw
+        .iter()
+        .zip(&cached)
+        .map(|(raw, cached)| cached.calls_per_second() / raw.calls_per_second())
+        .collect();
+    results.push(("raw-redis", raw));
+    results.push(("query-cache", cached));
+    if wants(Case::QueryArchive) {
+        redis::cmd("DEL")
+            .arg(keys::session_hot_cache(&chat))
+            .exec_async(&mut redis)
+            .await?;
+        let mut archive = Vec::new();
+        for _ in 0..args.rounds {
+            let outcome = run_case(
+                &mut stats,
+                args.concurrency,
+                duration,
+                query(channel.clone()),
+            )
+            .await?;
+            print_row("query-archive", args.concurrency, &outcome);
+            archive.push(outcome);
+        }
+        results.push(("query-archive", archive));
+    }
+    if wants(Case::ListSessions) {
+        let mut sessions = Vec::new();
+        for _ in 0..args.rounds {
+            let outcome = run_case(
+                &mut stats,
+                args.concurrency,
+                duration,
+                sessions_call.clone(),
+            )
+            .await?;
+            print_row(&sessions_name, args.concurrency, &outcome);
+            sessions.push(outcome);
+        }
+        results.push((&sessions_name, sessions));
+    }
+    println!("\nmedians of {} round(s):\n", args.rounds);
     println!(
-        "\nquery-cache ÷ raw-redis = {:.2}",
-        cached.calls as f64 / raw.calls as f64
+        "| case | calls/s | p50 ms | p99 ms | µs CPU / call: callers / reader / redis |\n|---|---|---|---|---|"
     );
+    for (name, outcomes) in &results {
+        if outcomes.is_empty() {
+            continue;
+        }
+        let ms = |q: f64| {
+            median(
+                outcomes
+                    .iter()
+                    .map(|outcome| outcome.latency.value_at_quantile(q) as f64 / 1000.0)
+                    .collect(),
+            )
+        };
+        let per_call = |index: usize| {
+            median(
+                outcomes
+                    .iter()
+                    .map(|outcome| outcome.micros_per_call(index))
+                    .collect(),
+            )
+        };
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} |",
+            median(outcomes.iter().map(Outcome::calls_per_second).collect()),
+            ms(0.5),
+            ms(0.99),
+            per_call(0),
+            per_call(1),
+            per_call(2),
+        );
+    }
+    if !ratios.is_empty() {
+        let shown: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
+        println!(
+            "\nquery-cache ÷ raw-redis per round: {}; median {:.2}",
+            shown.join(" / "),
+            median(ratios)
+        );
+    }
     Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// Starts the reader's service on loopback; returns its address.
@@ -338,16 +443,28 @@ struct Outcome {
     cores: [f64; 3],
 }
 
+impl Outcome {
+    fn calls_per_second(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+
+    /// CPU time per call in µs of the callers (0), the reader (1) or redis-server (2).
+    fn micros_per_call(&self, index: usize) -> f64 {
+        self.cores[index] * 1e6 / self.calls_per_second().max(1e-9)
+    }
+}
+
 fn print_row(name: &str, concurrency: usize, outcome: &Outcome) {
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
     let [callers, reader, redis] = outcome.cores;
     println!(
-        "| {name} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {callers:.2} / {reader:.2} / {redis:.2} |",
-        outcome.calls as f64 / outcome.seconds,
+        "| {name} | {concurrency} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {callers:.2} / {reader:.2} / {redis:.2} | {:.1} |",
+        outcome.calls_per_second(),
         ms(0.5),
         ms(0.99),
         outcome.latency.max() as f64 / 1000.0,
-        outcome.entries
+        outcome.entries,
+        outcome.micros_per_call(1),
     );
 }
 
