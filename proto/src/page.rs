@@ -203,7 +203,7 @@ mod tests {
             .collect();
         let encoded: Vec<EncodedChatMessage> = messages
             .iter()
-            .map(|message| EncodedChatMessage::new(message.encode_to_vec().into()).unwrap())
+            .map(|message| EncodedChatMessage::new(message.encode_to_vec()).unwrap())
             .collect();
         assert_eq!(
             encoded
@@ -247,12 +247,12 @@ mod tests {
         let at = bad.windows(2).position(|pair| pair == b"hi").unwrap();
         bad[at] = 0xff;
         assert!(matches!(
-            EncodedChatMessage::new(bad.into()),
+            EncodedChatMessage::new(bad),
             Err(EncodedMessageError::NotUtf8 { field: 6 })
         ));
         // A string where seq (a varint) belongs.
         let wrong_type = vec![0x1a, 0x01, b'x'];
-        assert!(EncodedChatMessage::new(wrong_type.into()).is_err());
+        assert!(EncodedChatMessage::new(wrong_type).is_err());
         assert!(EncodedChatMessage::new(Bytes::from_static(&[0xff])).is_err());
         // No seq at all decodes as seq 0, as prost would.
         assert_eq!(EncodedChatMessage::new(Bytes::new()).unwrap().seq(), 0);

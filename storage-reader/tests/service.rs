@@ -800,7 +800,8 @@ async fn every_session_rpc_refuses_a_non_member() {
         .unwrap()
         .into_inner();
     let group = SessionId::parse(&created.session_id).unwrap();
-    world.chat(&alice, &group, 0, 1).await;
+    // Numbered after the chat's two: a sender's client_msg_id is deduplicated.
+    world.chat(&alice, &group, 2, 1).await;
     let (first,): (uuid::Uuid,) =
         sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 AND seq = 1")
             .bind(chat.to_string())
