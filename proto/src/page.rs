@@ -192,7 +192,7 @@ mod tests {
             content: content.into(),
             timestamp: 1_700_000_000_000 + seq as i64,
             burn_after_seconds: Some(30),
-            recalled: seq % 2 == 0,
+            recalled: seq.is_multiple_of(2),
         }
     }
 
