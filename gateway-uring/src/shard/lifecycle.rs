@@ -113,7 +113,12 @@ async fn read_more<R: AsyncReadRent>(
     let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
     buffer = slice.into_inner();
     match result {
-        Ok(0) | Err(_) => {
+        Ok(0) => {
+            shard.buffers.give(buffer);
+            (ReadEnd::Closed, None)
+        }
+        Err(error) => {
+            tracing::debug!(%error, "read failed");
             shard.buffers.give(buffer);
             (ReadEnd::Closed, None)
         }
@@ -340,6 +345,9 @@ impl Registered {
     /// finish, leaves the shard's tables, removes the route and frees the slot. `reader`
     /// goes first so the socket closes as soon as the writer lets go of it.
     pub(super) async fn close<R>(self, shard: &Shard, reason: CloseReason, reader: R) {
+        // Every close of an admitted connection, by its reason (a bounded set of static
+        // strings): the one place that says why connections went away.
+        metrics::counter!("chatify_gateway_closes_total", "reason" => reason.reason).increment(1);
         // A slow reader's pending frames are dropped so the close goes out at once.
         let slow = reason.reason == "slow consumer";
         self.live.queue.close_with(reason.code, reason.reason, slow);

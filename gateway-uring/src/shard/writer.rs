@@ -209,7 +209,8 @@ pub(super) async fn run<W: monoio::io::AsyncWriteRent>(
             // allocation per coalesced write.
             let (result, written) = Box::pin(sink.write_all(buffer)).await;
             shard.buffers.give(written);
-            if result.is_err() {
+            if let Err(error) = result {
+                tracing::debug!(%error, "write failed");
                 break;
             }
         } else {
