@@ -352,10 +352,14 @@ async fn handle(
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "route registration failed");
                     let _ = reply.send(Err(Unavailable));
+                    remove_unknown_route(&mut redis, node, &entry).await;
                     return;
                 }
                 Err(_) => {
+                    metrics::counter!("chatify_gateway_route_registration_timeouts_total")
+                        .increment(1);
                     let _ = reply.send(Err(Unavailable));
+                    remove_unknown_route(&mut redis, node, &entry).await;
                     return;
                 }
             };
@@ -420,6 +424,25 @@ async fn handle(
             metrics::counter!("chatify_gateway_routes_refreshed_total")
                 .increment(entries.len() as u64);
         }
+    }
+}
+
+/// The connection was refused because its registration did not answer in time, but the
+/// script may still run (it was sent; Redis was only slow): without this, a route to a
+/// connection that never existed would stay until its key expired, pushes for that user
+/// would go to nothing and the user would look online. Sent on the same connection after
+/// the registration, so Redis runs it after the script; it removes the route only if it is
+/// still this connection's (a newer connection of the device keeps its own).
+async fn remove_unknown_route(redis: &mut ConnectionManager, node: &str, entry: &RouteEntry) {
+    let script = redis::Script::new(DISCONNECT_SCRIPT);
+    let mut invocation = script.key(keys::user_routes(&entry.user_id));
+    invocation
+        .key(keys::node_routes(node))
+        .arg(&entry.device_id)
+        .arg(owner_prefix(node, entry.connection_id))
+        .arg(format!("{}|{}", entry.user_id, entry.device_id));
+    if let Err(error) = invocation.invoke_async::<i64>(redis).await {
+        tracing::warn!(%error, user_id = entry.user_id, "refused connection's route not removed; it will expire");
     }
 }
 

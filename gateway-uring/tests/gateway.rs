@@ -811,3 +811,104 @@ async fn a_client_that_does_not_read_is_disconnected_not_buffered() {
         let _ = tokio::time::timeout(WAIT, read_half.read_to_end(&mut sink)).await;
     }
 }
+
+/// A TCP proxy in front of Redis whose answers can be held back: while `slow` is set, each
+/// chunk Redis sends is passed on only after `hold` (requests go through at once, so Redis
+/// runs them on time and only their answers are late). Returns the proxied Redis URL.
+async fn slow_answering_redis(
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    hold: Duration,
+) -> String {
+    let url = redis_url();
+    let rest = url.strip_prefix("redis://").expect("redis:// url");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let upstream = authority.rsplit('@').next().expect("host:port").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let proxied = format!("redis://{}/{path}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let slow = std::sync::Arc::clone(&slow);
+            tokio::spawn(async move {
+                let mut chunk = vec![0_u8; 64 * 1024];
+                loop {
+                    let read = match server_read.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => read,
+                    };
+                    if slow.load(std::sync::atomic::Ordering::Acquire) {
+                        tokio::time::sleep(hold).await;
+                    }
+                    if client_write.write_all(&chunk[..read]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    proxied
+}
+
+/// A connection refused because Redis answered its route registration too late (the
+/// bridge gives up after 2 s, the client gets 503) must not leave the route behind: the
+/// registration did run in Redis, and a route to a connection that never existed would send
+/// the user's pushes to nothing and make them look online until the key expired (this is
+/// what made fan-out runs with connect bursts miss connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_answered_too_late_leaves_no_route() {
+    let mut redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    for driver in drivers() {
+        let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let proxied =
+            slow_answering_redis(std::sync::Arc::clone(&slow), Duration::from_secs(4)).await;
+        let gateway = Gateway::start(driver, &[("REDIS_URL", proxied.as_str())]);
+        // The bridge's Redis connection is made (and the node's old routes cleared) on the
+        // first connect, while Redis still answers on time.
+        let warm = connect(&gateway, &format!("warm-{driver}-{}", std::process::id())).await;
+        drop(warm);
+        slow.store(true, std::sync::atomic::Ordering::Release);
+        let user = format!("late-route-{driver}-{}-{}", std::process::id(), now());
+        let (status, body) = http_status_of_upgrade(&gateway, gateway.url(&token(&user))).await;
+        assert_eq!(status, 503, "{driver}: {body}");
+        // The registration script did run: it marked the user online.
+        let presence: Option<String> = redis::cmd("GET")
+            .arg(chatify_core::keys::user_presence(&user))
+            .query_async(&mut redis)
+            .await
+            .expect("presence");
+        assert_eq!(presence.as_deref(), Some("online"), "{driver}");
+        slow.store(false, std::sync::atomic::Ordering::Release);
+        // Its route is taken out again (otherwise it would stay for the key's 180 s TTL).
+        let routes_key = chatify_core::keys::user_routes(&user);
+        let deadline = Instant::now() + 3 * WAIT;
+        loop {
+            let route: Option<String> = redis::cmd("HGET")
+                .arg(&routes_key)
+                .arg("device-1")
+                .query_async(&mut redis)
+                .await
+                .expect("route");
+            if route.is_none() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{driver}: the refused connection's route stayed: {route:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -211,8 +211,15 @@ async fn hold(
     let (mut stream, mut write_half) = stream.into_split();
     let (outgoing, mut to_write) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
+        // A heartbeat as real clients send (SPEC: 90 s of silence closes a connection, and
+        // a route whose client was not heard from for 120 s counts as stale, so a silent
+        // client would get no pushes); spread over the interval so they do not all coincide.
+        let offset = Duration::from_millis(unix_us() % HEARTBEAT.as_millis() as u64);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
         loop {
             let frame = tokio::select! {
+                _ = heartbeat.tick() => masked_frame(0x9, b"heartbeat"),
                 frame = to_write.recv() => match frame {
                     Some(frame) => frame,
                     None => break,
@@ -315,6 +322,9 @@ fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     );
     frame
 }
+
+/// How often each client connection sends a WebSocket ping.
+const HEARTBEAT: Duration = Duration::from_secs(30);
 
 static CONNECTED: AtomicUsize = AtomicUsize::new(0);
 static PONGS: AtomicUsize = AtomicUsize::new(0);
@@ -602,7 +612,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .env("CHATIFY_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("CHATIFY_SHARDS", args.shards.to_string())
             .env("CHATIFY_SEND_QUEUE_FRAMES_MAX", "64")
-            .env("CHATIFY_HEARTBEAT_TIMEOUT_MS", "600000")
             .env("RUST_LOG", &args.gateway_log)
             .stdout(Stdio::null())
             .spawn()
