@@ -253,11 +253,20 @@ impl Bridge {
         let mut cleared = false;
         while let Ok(request) = inbox.recv_async().await {
             if connection.is_none() {
-                connection =
-                    tokio::time::timeout(LOOKUP_TIMEOUT, self.client.get_connection_manager())
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
+                // The bridge's own LOOKUP_TIMEOUT decides when a registration has failed, so
+                // the client's response timeout (redis-rs: 500 ms by default) is set above
+                // it: a late answer must not make the manager reconnect, or the removal of
+                // a refused connection's route (`remove_unknown_route`) could reach Redis on
+                // the new connection before the registration still queued on the old one.
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(LOOKUP_TIMEOUT * 2));
+                connection = tokio::time::timeout(
+                    LOOKUP_TIMEOUT,
+                    self.client.get_connection_manager_with_config(config),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok);
             }
             let Some(shared) = connection.clone() else {
                 if let Request::Connect { reply, .. } = request {
