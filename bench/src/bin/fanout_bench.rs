@@ -745,10 +745,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut last = 0;
         let mut received = 0;
         for lines_of in &mut lines {
-            let line = tokio::time::timeout(Duration::from_secs(60), lines_of.next_line())
-                .await
-                .context("a client process never got the push")??
-                .context("client exited")?;
+            let Ok(line) =
+                tokio::time::timeout(Duration::from_secs(60), lines_of.next_line()).await
+            else {
+                print_gateway_counters(&gateways).await;
+                bail!("a client process never got the push");
+            };
+            let line = line?.context("client exited")?;
             let parts: Vec<&str> = line.split(' ').collect();
             last = last.max(
                 parts
@@ -782,31 +785,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "last_delivery_ms": seconds * 1000.0, "deliveries_per_second": rate, "ack_ms": ack_ms,
         }));
     }
-    // What each gateway counted: refusals and closes by reason, push outcomes.
-    for (node, _, admin_port) in &gateways {
-        match metrics_of(*admin_port).await {
-            Ok(text) => {
-                for line in text.lines().filter(|line| {
-                    !line.starts_with('#')
-                        && [
-                            "refusals",
-                            "pushes_total",
-                            "push_dropped",
-                            "kicks",
-                            "bridge_dropped",
-                            "replaced",
-                            "accept_errors",
-                            "gateway_connections ",
-                        ]
-                        .iter()
-                        .any(|name| line.contains(name))
-                }) {
-                    eprintln!("{node}: {line}");
-                }
-            }
-            Err(error) => eprintln!("{node}: /metrics unreadable: {error:#}"),
-        }
-    }
+    print_gateway_counters(&gateways).await;
     let mut rates: Vec<f64> = results
         .iter()
         .filter_map(|r| r["deliveries_per_second"].as_f64())
@@ -829,6 +808,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
     }
     Ok(())
+}
+
+/// What each gateway counted: refusals and closes by reason, push records and outcomes.
+async fn print_gateway_counters(gateways: &[(String, String, u16)]) {
+    for (node, _, admin_port) in gateways {
+        match metrics_of(*admin_port).await {
+            Ok(text) => {
+                for line in text.lines().filter(|line| {
+                    !line.starts_with('#')
+                        && [
+                            "refusals",
+                            "closes_total",
+                            "push_records_total",
+                            "pushes_total",
+                            "push_dropped",
+                            "kicks",
+                            "bridge_dropped",
+                            "replaced",
+                            "accept_errors",
+                            "gateway_connections ",
+                        ]
+                        .iter()
+                        .any(|name| line.contains(name))
+                }) {
+                    eprintln!("{node}: {line}");
+                }
+            }
+            Err(error) => eprintln!("{node}: /metrics unreadable: {error:#}"),
+        }
+    }
 }
 
 async fn wait_ready(name: &str, admin_port: u16) -> anyhow::Result<()> {
