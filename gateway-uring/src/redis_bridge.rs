@@ -391,24 +391,14 @@ async fn handle(
                 kick_replaced(&upstream, &settings.topics, &previous);
             }
         }
-        Request::Disconnect { entry } => {
-            let script = redis::Script::new(DISCONNECT_SCRIPT);
-            let mut invocation = script.key(keys::user_routes(&entry.user_id));
-            invocation
-                .key(keys::node_routes(node))
-                .arg(&entry.device_id)
-                .arg(owner_prefix(node, entry.connection_id))
-                .arg(format!("{}|{}", entry.user_id, entry.device_id));
-            let left = invocation.invoke_async::<i64>(&mut redis).await;
-            match left {
-                Ok(0) => {
-                    offline_after_grace(redis, settings, upstream, entry.user_id, entry.device_id)
-                        .await;
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "route removal failed; it will expire"),
+        Request::Disconnect { entry } => match remove_route(&mut redis, node, &entry).await {
+            Ok(0) => {
+                offline_after_grace(redis, settings, upstream, entry.user_id, entry.device_id)
+                    .await;
             }
-        }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "route removal failed; it will expire"),
+        },
         Request::Refresh { entries } => {
             for chunk in entries.chunks(REFRESH_CHUNK) {
                 let script = redis::Script::new(REFRESH_SCRIPT);
@@ -443,6 +433,18 @@ async fn handle(
 /// the registration, so Redis runs it after the script; it removes the route only if it is
 /// still this connection's (a newer connection of the device keeps its own).
 async fn remove_unknown_route(redis: &mut ConnectionManager, node: &str, entry: &RouteEntry) {
+    if let Err(error) = remove_route(redis, node, entry).await {
+        tracing::warn!(%error, user_id = entry.user_id, "refused connection's route not removed; it will expire");
+    }
+}
+
+/// Removes the device's route if it is still this connection's; answers how many devices
+/// of the user have a route left.
+async fn remove_route(
+    redis: &mut ConnectionManager,
+    node: &str,
+    entry: &RouteEntry,
+) -> redis::RedisResult<i64> {
     let script = redis::Script::new(DISCONNECT_SCRIPT);
     let mut invocation = script.key(keys::user_routes(&entry.user_id));
     invocation
@@ -450,9 +452,7 @@ async fn remove_unknown_route(redis: &mut ConnectionManager, node: &str, entry: 
         .arg(&entry.device_id)
         .arg(owner_prefix(node, entry.connection_id))
         .arg(format!("{}|{}", entry.user_id, entry.device_id));
-    if let Err(error) = invocation.invoke_async::<i64>(redis).await {
-        tracing::warn!(%error, user_id = entry.user_id, "refused connection's route not removed; it will expire");
-    }
+    invocation.invoke_async::<i64>(redis).await
 }
 
 /// After the grace period: if the user has no live route left anywhere, publish offline
