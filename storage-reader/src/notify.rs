@@ -108,12 +108,17 @@ impl Notifier {
                 PRODUCE_TIMEOUT,
             )
         });
-        let mut delivered = Vec::with_capacity(records.len());
-        for (index, result) in futures::future::join_all(sends)
+        // The timeout given to `send` bounds only the wait for room in the producer's queue;
+        // without this one a broker that never answers would hold the call for the
+        // producer's `message.timeout.ms` (librdkafka's default: 5 minutes).
+        let results = tokio::time::timeout(PRODUCE_TIMEOUT, futures::future::join_all(sends))
             .await
-            .into_iter()
-            .enumerate()
-        {
+            .map_err(|_| ReaderError::Unavailable {
+                store: "kafka",
+                reason: format!("no acknowledgement within {} s", PRODUCE_TIMEOUT.as_secs()),
+            })?;
+        let mut delivered = Vec::with_capacity(records.len());
+        for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(_) => delivered.push(true),
                 // A route naming a gateway node with no topic (a stale route): that node

@@ -1,7 +1,8 @@
 //! StorageService over real gRPC, on data the real writer pipeline stored (broker, Redis,
 //! Postgres, MongoDB-protocol server): pages across the cache/archive boundary, identity
 //! and every refusal code, monotonic reads under concurrency, unread counts, delete-for-me
-//! and clear-session.
+//! and clear-session, burn-after-read, Postgres, Redis or Kafka down under the reader
+//! (Unavailable), and the page-source counter behind the cache hit ratio.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -41,6 +42,15 @@ const INTERNAL: &str = "reader-internal-token-that-is-long-enough-0123";
 const WAIT: Duration = Duration::from_secs(60);
 /// Group size limit of the test service.
 const GROUP_MAX: usize = 6;
+
+/// Where the test reader's own clients connect; the writer always uses the real services.
+struct ReaderSetup {
+    archive: storage_reader::store::ArchiveStore,
+    /// The reader's Redis (gatekeeper, pages, marks, routes).
+    redis_url: String,
+    /// The brokers of the reader's notifier (pushes and events).
+    kafka: String,
+}
 
 struct World {
     client: StorageServiceClient<Channel>,
@@ -117,6 +127,22 @@ impl World {
 
     /// [`World::start`] with the reader's archive pages served by `archive`.
     async fn start_with(archive: storage_reader::store::ArchiveStore) -> Self {
+        Self::start_reader(ReaderSetup {
+            archive,
+            redis_url: service_env("REDIS_URL"),
+            kafka: service_env("KAFKA_BOOTSTRAP_SERVERS"),
+        })
+        .await
+    }
+
+    /// The writer on the real services, and a reader whose own Redis and Kafka clients
+    /// connect where `setup` says (to take one of them down under the reader only).
+    async fn start_reader(setup: ReaderSetup) -> Self {
+        let ReaderSetup {
+            archive,
+            redis_url: reader_redis_url,
+            kafka: reader_kafka,
+        } = setup;
         let kafka = service_env("KAFKA_BOOTSTRAP_SERVERS");
         let prefix = unique_name("rt");
         let topics = chatify_core::topics::Topics::new(prefix.clone());
@@ -167,9 +193,10 @@ impl World {
                 .await
                 .unwrap();
         });
-        let redis_manager = redis::aio::ConnectionManager::new(stores.redis.clone())
-            .await
-            .unwrap();
+        let redis_manager =
+            redis::aio::ConnectionManager::new(redis::Client::open(reader_redis_url).unwrap())
+                .await
+                .unwrap();
         let storage = Storage {
             gatekeeper: Gatekeeper::new(
                 chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
@@ -181,7 +208,7 @@ impl World {
             mongo: stores.mongo.collection("messages"),
             notifier: Notifier {
                 producer: ClientConfig::new()
-                    .set("bootstrap.servers", &kafka)
+                    .set("bootstrap.servers", &reader_kafka)
                     .create()
                     .unwrap(),
                 topics: topics.clone(),
@@ -472,6 +499,51 @@ async fn pages_cross_the_cache_and_archive_boundary_without_gap_or_duplicate() {
     assert_eq!(response.messages[0].sender_id, alice);
 }
 
+/// The value of `chatify_reader_page_source_total{source="<source>"}` in a Prometheus
+/// exposition (what `/metrics` serves); 0 before the first count.
+fn page_source_count(exposition: &str, source: &str) -> u64 {
+    let series = format!("chatify_reader_page_source_total{{source=\"{source}\"}} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn each_page_counts_its_source_for_the_cache_hit_ratio() {
+    // The reader's own recorder type, local to this test: `#[tokio::test]` runs every task
+    // of the test (the gRPC server's too) on this thread, so only this test's pages count.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let _counting = metrics::set_default_local_recorder(&recorder);
+    let mut world = World::start().await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 5).await;
+    let counts = || {
+        let exposition = metrics.render();
+        (
+            page_source_count(&exposition, "cache"),
+            page_source_count(&exposition, "archive"),
+        )
+    };
+    assert_eq!(counts(), (0, 0));
+    // The hot cache holds the whole session: a hit.
+    let (seqs, _, _) = world.page(&bob, &chat, false, 10, "").await;
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(counts(), (1, 0), "a cache hit");
+    // The hot cache lost the session: a miss, served by the archive.
+    let mut redis = world.redis.clone();
+    redis::cmd("DEL")
+        .arg(keys::session_hot_cache(&chat))
+        .exec_async(&mut redis)
+        .await
+        .unwrap();
+    let (seqs, _, _) = world.page(&bob, &chat, false, 10, "").await;
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(counts(), (1, 1), "a cache miss");
+}
+
 #[tokio::test]
 async fn time_ranges_page_by_seq_and_hide_what_the_caller_deleted() {
     let mut world = World::start().await;
@@ -578,6 +650,42 @@ async fn time_ranges_page_by_seq_and_hide_what_the_caller_deleted() {
         .await
         .expect_err("not a member");
     assert_eq!(refused.code(), Code::PermissionDenied);
+    // Bob clears the chat (his watermark: seq 10), then alice sends two more.
+    let cleared = world
+        .client
+        .clear_session(as_user(
+            &bob,
+            ClearSessionRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.cleared_through_seq, 10);
+    world.chat(&alice, &chat, 10, 2).await;
+    let seqs = |page: chatify_proto::storage::v1::QueryMessagesResponse| {
+        assert!(!page.has_more);
+        page.messages.iter().map(|m| m.seq).collect::<Vec<u64>>()
+    };
+    // A time range over the whole chat shows bob only what came after his watermark, also
+    // from a cursor below it; a range that ends below it is empty for him.
+    let whole = time_page(&world, &bob, (at[0], 0), 0, "").await.unwrap();
+    assert_eq!(seqs(whole), vec![11, 12]);
+    let from_cursor = time_page(&world, &bob, (at[0], 0), 0, "3").await.unwrap();
+    assert_eq!(seqs(from_cursor), vec![11, 12]);
+    let before_clear = time_page(&world, &bob, (at[0], at[7]), 0, "")
+        .await
+        .unwrap();
+    assert_eq!(seqs(before_clear), Vec::<u64>::new());
+    // Alice did not clear: the same ranges still show her everything.
+    let whole = time_page(&world, &alice, (at[0], 0), 0, "").await.unwrap();
+    assert_eq!(seqs(whole), (1..=12).collect::<Vec<_>>());
+    let before_clear = time_page(&world, &alice, (at[0], at[7]), 0, "")
+        .await
+        .unwrap();
+    assert_eq!(seqs(before_clear), (1..=7).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -1785,6 +1893,66 @@ async fn burn_after_read_purges_the_content_in_every_store() {
             .await
             .unwrap();
     assert_eq!(kept, 2);
+    // Now the session's last message burns: the session list shows it without its content.
+    world.chat_with(&alice, &chat, 3, 1, Some(1)).await;
+    let last_listed = |user: &str| {
+        let mut client = world.client.clone();
+        let request = as_user(
+            user,
+            chatify_proto::storage::v1::ListSessionsRequest::default(),
+        );
+        let chat = chat.to_string();
+        async move {
+            let sessions = client
+                .list_sessions(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions;
+            let summary = sessions
+                .into_iter()
+                .find(|summary| summary.session_id == chat)
+                .expect("the chat is listed");
+            let last = summary.last_message.expect("a last message");
+            (last.seq, last.content)
+        }
+    };
+    assert_eq!(last_listed(&bob).await, (4, "message 3".to_owned()));
+    world
+        .client
+        .clone()
+        .mark_message_read(as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 4,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    // Sweep until seq 4's timer has run out and it is burned.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        storage_reader::store::burn_due(&world.postgres, &collection, &mut redis_manager)
+            .await
+            .unwrap();
+        let (burned,): (bool,) = sqlx::query_as(
+            "SELECT burned_at IS NOT NULL FROM messages WHERE session_id = $1 AND seq = 4",
+        )
+        .bind(chat.to_string())
+        .fetch_one(&world.postgres)
+        .await
+        .unwrap();
+        if burned {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "seq 4 never burned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for user in [&alice, &bob] {
+        assert_eq!(last_listed(user).await, (4, String::new()), "{user}");
+    }
 }
 
 #[tokio::test]
@@ -2025,4 +2193,139 @@ async fn a_store_that_is_down_answers_unavailable() {
         assert!(tokio::time::Instant::now() < deadline, "no recovery");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn redis_down_under_the_reader_answers_unavailable_naming_redis() {
+    let redis_url = url::Url::parse(&service_env("REDIS_URL")).unwrap();
+    let proxy = chatify_e2e::TcpProxy::start(&format!(
+        "{}:{}",
+        redis_url.host_str().unwrap(),
+        redis_url.port().unwrap_or(6379)
+    ))
+    .await
+    .unwrap();
+    let mut through = redis_url.clone();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let mut world = World::start_reader(ReaderSetup {
+        archive: storage_reader::store::ArchiveStore::Postgres,
+        redis_url: through.to_string(),
+        kafka: service_env("KAFKA_BOOTSTRAP_SERVERS"),
+    })
+    .await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    world.chat(&alice, &chat, 0, 3).await;
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2, 3]);
+    proxy.set_down();
+    let mut client = world.client.clone();
+    let query = || {
+        as_user(
+            &bob,
+            QueryMessagesRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    let unread = || {
+        as_user(
+            &bob,
+            GetUnreadCountRequest {
+                session_id: chat.to_string(),
+                ..Default::default()
+            },
+        )
+    };
+    // A page reads the deny-list, the marks and the window in one Redis round trip.
+    let status = client
+        .query_messages(query())
+        .await
+        .expect_err("redis down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("redis"), "{status:?}");
+    // Every other call checks the token's deny-list entry in Redis first.
+    let status = client
+        .get_unread_count(unread())
+        .await
+        .expect_err("redis down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("redis"), "{status:?}");
+    let status = client
+        .list_sessions(as_user(
+            &bob,
+            chatify_proto::storage::v1::ListSessionsRequest::default(),
+        ))
+        .await
+        .expect_err("redis down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("redis"), "{status:?}");
+    // Redis back: the same reader serves again.
+    proxy.set_up();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.query_messages(query()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2, 3]);
+    let unread = client
+        .get_unread_count(unread())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unread.unread_count, 3);
+}
+
+#[tokio::test]
+async fn kafka_down_under_the_reader_fails_the_commands_that_publish_with_unavailable() {
+    use chatify_proto::storage::v1::RecallMessageRequest;
+    // Nothing listens there: the reader's notifier has no broker to reach.
+    let closed = chatify_e2e::free_local_addr();
+    let mut world = World::start_reader(ReaderSetup {
+        archive: storage_reader::store::ArchiveStore::Postgres,
+        redis_url: service_env("REDIS_URL"),
+        kafka: closed.to_string(),
+    })
+    .await;
+    let (alice, bob) = (world.user("alice"), world.user("bob"));
+    let chat = SessionId::single(&alice, &bob).unwrap();
+    route(&world, &alice, 1).await;
+    world.chat(&alice, &chat, 0, 2).await;
+    // Reads publish nothing: served as usual.
+    assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2]);
+    // A read that moves the cursor sends a receipt (a push to alice, a message event).
+    let status = world
+        .client
+        .mark_message_read(as_user(
+            &bob,
+            MarkMessageReadRequest {
+                session_id: chat.to_string(),
+                seq: 2,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("kafka down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("kafka"), "{status:?}");
+    // A recall announces itself.
+    let (message_id,): (uuid::Uuid,) =
+        sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 AND seq = 1")
+            .bind(chat.to_string())
+            .fetch_one(&world.postgres)
+            .await
+            .unwrap();
+    let status = world
+        .client
+        .recall_message(as_user(
+            &alice,
+            RecallMessageRequest {
+                message_id: message_id.to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("kafka down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("kafka"), "{status:?}");
 }
