@@ -136,6 +136,10 @@ pub struct KafkaArgs {
     /// Prefix of every topic name (`{prefix}.upstream`, ...).
     #[arg(long, env = "CHATIFY_TOPIC_PREFIX", default_value = crate::topics::DEFAULT_PREFIX)]
     pub topic_prefix: String,
+    /// librdkafka debug contexts for every Kafka client of the process (e.g.
+    /// `cgrp,eos,broker`); logged under the `librdkafka` tracing target.
+    #[arg(long, env = "CHATIFY_KAFKA_DEBUG")]
+    pub kafka_debug: Option<String>,
 }
 
 impl KafkaArgs {
@@ -159,6 +163,31 @@ impl KafkaArgs {
     pub fn topics(&self) -> crate::Topics {
         crate::Topics::new(self.topic_prefix.clone())
     }
+
+    /// A client config with the brokers, the client id and the debug contexts set.
+    pub fn client_config(&self, client_id: &str) -> rdkafka::ClientConfig {
+        client_config(
+            &self.kafka_bootstrap_servers,
+            client_id,
+            self.kafka_debug.as_deref(),
+        )
+    }
+}
+
+/// A Kafka client config: brokers, client id, and librdkafka debug contexts when given.
+pub fn client_config(
+    bootstrap_servers: &str,
+    client_id: &str,
+    debug: Option<&str>,
+) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", client_id);
+    if let Some(debug) = debug.filter(|debug| !debug.is_empty()) {
+        config.set("debug", debug);
+    }
+    config
 }
 
 fn validate_bootstrap_servers(servers: &str) -> Result<(), ConfigError> {

@@ -1,5 +1,5 @@
 //! Shared plumbing every Chatify service uses: client token verification, ids and session ids, the Redis key layout,
-//! Kafka topic names, config parsing and validation, route records, telemetry (logs,
+//! Kafka topic names and a renewable producer, config parsing and validation, route records, telemetry (logs,
 //! metrics, health endpoints) and readiness probes. No I/O loops of its own live here
 //! besides the small admin HTTP server.
 
@@ -8,6 +8,7 @@ pub mod config;
 pub mod ids;
 pub mod keys;
 pub mod probe;
+pub mod producer;
 pub mod routing;
 #[cfg(all(feature = "postgres", feature = "mongo"))]
 pub mod stores;

@@ -702,17 +702,29 @@ impl TopicTail {
 
 /// Produces one raw record (what a writer or reader would publish).
 pub async fn produce(bootstrap: &str, topic: &str, key: &str, payload: &[u8]) {
+    produce_to(bootstrap, topic, None, key, payload).await;
+}
+
+/// Produces one record to `partition` of `topic` (by key when `None`), waiting for the ack.
+pub async fn produce_to(
+    bootstrap: &str,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: &[u8],
+) {
     let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("producer");
+    let mut record = rdkafka::producer::FutureRecord::to(topic)
+        .key(key)
+        .payload(payload);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     producer
-        .send(
-            rdkafka::producer::FutureRecord::to(topic)
-                .key(key)
-                .payload(payload),
-            Duration::from_secs(10),
-        )
+        .send(record, Duration::from_secs(10))
         .await
         .map_err(|(error, _)| error)
         .expect("produce");

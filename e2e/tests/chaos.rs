@@ -81,6 +81,20 @@ fn schedule() -> Vec<(u64, Fault)> {
     faults
 }
 
+/// Logging of every process: rebalances and producer replacements are at info. With
+/// `CHATIFY_CHAOS_KAFKA_DEBUG=cgrp,eos` (say) every Kafka client logs those librdkafka
+/// debug contexts too, for a post-mortem of a failed run.
+fn kafka_debug_env() -> Vec<(String, String)> {
+    let mut filter = "warn,gateway_uring=info,storage_writer=info".to_owned();
+    let mut env = Vec::new();
+    if let Ok(contexts) = std::env::var("CHATIFY_CHAOS_KAFKA_DEBUG") {
+        filter.push_str(",librdkafka=debug,rdkafka=debug");
+        env.push(("CHATIFY_KAFKA_DEBUG".to_owned(), contexts));
+    }
+    env.push(("RUST_LOG".to_owned(), filter));
+    env
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Send new messages.
@@ -738,12 +752,12 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
             ("CHATIFY_PRESENCE_GRACE_MS".into(), "1500".into()),
             // Routes come back within 2 s after Redis lost them.
             ("CHATIFY_ROUTE_REFRESH_MS".into(), "2000".into()),
-            // tansu 0.6 does not recover an idempotent producer whose records timed out
-            // while it was down: after the broker restart every send would be `unavailable`
-            // for good (run C in docs/RELIABILITY.md). As in gateway_cluster.rs' outage
-            // test, the gateways run the non-idempotent mode here; the writer dedupes, and
-            // this test checks that nothing is stored twice. Apache Kafka recovers
-            // idempotent producers (KIP-360).
+            // tansu 0.6 cannot take an idempotent producer across its restart: a produce
+            // from a producer id it knew before panics its storage task
+            // (`idempotent_message_check`: "more or less than one row") and the broker
+            // answers nothing after (docs/RELIABILITY.md). The gateways' upstream
+            // producers live through the restart, so they run the non-idempotent mode
+            // here; the writer dedupes, and this test checks nothing is stored twice.
             ("CHATIFY_UPSTREAM_IDEMPOTENCE".into(), "false".into()),
         ],
         service_env: vec![
@@ -751,7 +765,10 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
             ("POSTGRES_URL".into(), postgres_url.clone()),
             ("MONGO_URL".into(), mongo.url()),
             ("CHATIFY_WRITER_RETRY_MAX_MS".into(), "2000".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(kafka_debug_env())
+        .collect(),
         ..StackOptions::default()
     })
     .await;

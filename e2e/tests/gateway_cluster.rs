@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use chatify_e2e::stack::{
-    Closed, Stack, StackOptions, TcpClient, TopicTail, WsClient, produce, routes_of, token,
+    Closed, Stack, StackOptions, TcpClient, TopicTail, WsClient, produce, produce_to, routes_of,
+    token,
 };
 use chatify_proto::Message as _;
 use chatify_proto::bus::v1::{PushRecord, UserEvent, user_event};
@@ -385,7 +386,8 @@ async fn a_restarted_node_clears_the_routes_its_crash_left() {
     stack.gateways[0].service.restart();
     stack.gateways[0].service.wait_ready().await;
     // The bridge clears at its first request; a connection of someone else makes one.
-    let _other = WsClient::connect(&stack.gateways[0], &token(&stack.user("bob"), "phone").0).await;
+    let bob = stack.user("bob");
+    let mut other = WsClient::connect(&stack.gateways[0], &token(&bob, "phone").0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !routes_of(&alice).await.contains_key("phone"),
@@ -394,6 +396,38 @@ async fn a_restarted_node_clears_the_routes_its_crash_left() {
     );
     let seen = wait_presence(&tail, &alice, 1).await;
     assert_eq!(seen, vec![user_event::Kind::Offline]);
+
+    // The restarted node, ready, consumes every partition of its push topic: the group
+    // member of its killed run holds none of them, and nothing produced after `/readyz`
+    // turned green is skipped.
+    let bob_id = routes_of(&bob).await["phone"].connection_id;
+    let topic = stack.topic(&format!("push.{}", stack.gateways[0].node_id));
+    for partition in 0..2 {
+        let record = PushRecord {
+            connection_ids: vec![bob_id],
+            user_ids: vec![],
+            frame: Some(client::ServerFrame {
+                frame: Some(server_frame::Frame::Pong(client::Pong {
+                    timestamp: Some(i64::from(partition)),
+                })),
+            }),
+            close_code: None,
+        };
+        produce_to(
+            &stack.bootstrap_servers,
+            &topic,
+            Some(partition),
+            "k",
+            &record.encode_to_vec(),
+        )
+        .await;
+    }
+    let mut partitions = vec![
+        other.next_of("pong").await["timestamp"].clone(),
+        other.next_of("pong").await["timestamp"].clone(),
+    ];
+    partitions.sort_by_key(|timestamp| timestamp.as_i64());
+    assert_eq!(partitions, vec![json!(0), json!(1)], "{}", stack.logs());
 }
 
 /// A private broker for this test only: tansu on its own port and SQLite file, reached
@@ -465,14 +499,11 @@ async fn with_the_broker_down_sends_get_unavailable_and_recover_after() {
     let stack = Stack::start(StackOptions {
         reader: false,
         kafka_bootstrap_servers: Some(broker.bootstrap()),
-        // tansu 0.6 does not recover an idempotent producer whose records timed out (after
-        // the outage every produce fails with an unknown broker error and the broker drops
-        // the connection), so this outage runs the non-idempotent mode; Apache Kafka
-        // recovers idempotent producers (KIP-360).
-        gateway_env: vec![
-            ("CHATIFY_UPSTREAM_TIMEOUT_MS".into(), "2000".into()),
-            ("CHATIFY_UPSTREAM_IDEMPOTENCE".into(), "false".into()),
-        ],
+        // The default, idempotent producer: tansu 0.6 cannot bump the epoch of an
+        // idempotent producer whose records timed out (every later produce fails with an
+        // unknown broker error), so the gateway recovers by replacing its producer
+        // (upstream.rs); Apache Kafka would recover the old one (KIP-360).
+        gateway_env: vec![("CHATIFY_UPSTREAM_TIMEOUT_MS".into(), "2000".into())],
         ..StackOptions::default()
     })
     .await;

@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             queue_messages_max: config.cluster.upstream_queue_messages_max,
             timeout_ms: config.cluster.upstream_timeout_ms,
             idempotence: config.cluster.upstream_idempotence,
+            debug: config.kafka.kafka_debug.clone(),
         })
         .context("cannot create the upstream producer (KAFKA_BOOTSTRAP_SERVERS)")?;
         let redis = RedisBridge::start(
@@ -121,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 bootstrap_servers: config.kafka.kafka_bootstrap_servers.clone(),
                 topic: push_topic.clone(),
                 node_id: config.node_id.clone(),
+                debug: config.kafka.kafka_debug.clone(),
             },
             inboxes,
             push_assigned,

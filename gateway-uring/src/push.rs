@@ -13,10 +13,12 @@ use bytes::Bytes;
 use chatify_proto::Message as _;
 use chatify_proto::bus::v1::PushRecord;
 use chatify_proto::client::v1::{ServerFrame, server_frame::Frame};
-use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message as _;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 
 use crate::shard::{ShardCommand, shard_of};
 
@@ -140,14 +142,80 @@ struct PushContext {
 impl ClientContext for PushContext {}
 
 impl ConsumerContext for PushContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                tracing::info!(partitions = list.count(), "push partitions assigned");
-                self.assigned.store(true, Ordering::Release);
+    /// Assigns each partition at an explicit offset (the committed one, else the end of
+    /// the partition read now), and only then reports the node ready. With
+    /// `auto.offset.reset=latest` alone, "latest" is resolved later, when fetching starts:
+    /// a push produced between the assignment and that moment was skipped although the
+    /// node already said it was ready.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                resolve_start_offsets(consumer, partitions);
+                if let Err(error) = consumer.assign(partitions) {
+                    tracing::error!(%error, "push partitions not assigned");
+                    return;
+                }
+                tracing::info!(partitions = partitions.count(), "push partitions assigned");
+                // The node is its group's only live member: an empty assignment is a
+                // coordinator that elected a dead leader (see `run`), not readiness.
+                self.assigned
+                    .store(partitions.count() > 0, Ordering::Release);
             }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(error) => tracing::warn!(%error, "push consumer rebalance error"),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.assigned.store(false, Ordering::Release);
+                if let Err(error) = consumer.unassign() {
+                    tracing::warn!(%error, "push partitions not unassigned");
+                }
+            }
+            other => {
+                tracing::warn!(error = ?RDKafkaErrorCode::from(other), "push consumer rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// How long a rebalance waits for the committed offsets and the partition ends.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sets every partition's start offset: the group's committed offset, else the partition's
+/// end (a node new to the group has nothing to catch up on). A partition whose offsets
+/// cannot be read keeps the `auto.offset.reset` behaviour (logged).
+fn resolve_start_offsets(
+    consumer: &BaseConsumer<PushContext>,
+    partitions: &mut TopicPartitionList,
+) {
+    let committed = consumer
+        .committed_offsets(partitions.clone(), RESOLVE_TIMEOUT)
+        .map_err(|error| tracing::warn!(%error, "committed push offsets not read"))
+        .ok();
+    let targets: Vec<(String, i32)> = partitions
+        .elements()
+        .iter()
+        .map(|element| (element.topic().to_owned(), element.partition()))
+        .collect();
+    for (topic, partition) in targets {
+        let committed = committed
+            .as_ref()
+            .and_then(|list| list.find_partition(&topic, partition))
+            .map(|element| element.offset());
+        let start = match committed {
+            Some(offset @ Offset::Offset(_)) => offset,
+            _ => match consumer.fetch_watermarks(&topic, partition, RESOLVE_TIMEOUT) {
+                Ok((_, high)) => Offset::Offset(high),
+                Err(error) => {
+                    tracing::warn!(%error, %topic, partition, "push partition end not read");
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = partitions.set_partition_offset(&topic, partition, start) {
+            tracing::warn!(%error, %topic, partition, "push start offset not set");
         }
     }
 }
@@ -158,6 +226,8 @@ pub struct PushSettings {
     pub bootstrap_servers: String,
     pub topic: String,
     pub node_id: String,
+    /// librdkafka debug contexts (`CHATIFY_KAFKA_DEBUG`).
+    pub debug: Option<String>,
 }
 
 /// The running consumer thread.
@@ -174,32 +244,37 @@ impl PushConsumer {
         shards: Vec<flume::Sender<ShardCommand>>,
         assigned: Arc<AtomicBool>,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let consumer: BaseConsumer<PushContext> = ClientConfig::new()
-            .set("bootstrap.servers", &settings.bootstrap_servers)
-            .set("group.id", format!("chatify-gateway-{}", settings.node_id))
-            .set("client.id", format!("gateway-{}-push", settings.node_id))
-            // Pushes are for live connections: a node that starts for the first time has
-            // nothing to catch up on (its clients `sync`); a restarted one resumes at its
-            // committed offset and drops what targets connections of its previous run.
-            .set("auto.offset.reset", "latest")
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            // Latency over batching: a push should leave the broker at once.
-            .set("fetch.wait.max.ms", "10")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            // Notice soon when a missing push topic gets created.
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .create_with_context(PushContext {
-                assigned: Arc::clone(&assigned),
-            })?;
+        let consumer: BaseConsumer<PushContext> = chatify_core::config::client_config(
+            &settings.bootstrap_servers,
+            &format!("gateway-{}-push", settings.node_id),
+            settings.debug.as_deref(),
+        )
+        // One group per push topic (prefix and node): deployments sharing a broker under
+        // different prefixes never share a group.
+        .set("group.id", format!("chatify-gateway:{}", settings.topic))
+        // Pushes are for live connections: a node that starts for the first time has
+        // nothing to catch up on (its clients `sync`); a restarted one resumes at its
+        // committed offset and drops what targets connections of its previous run.
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Latency over batching: a push should leave the broker at once.
+        .set("fetch.wait.max.ms", "10")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        // Notice soon when a missing push topic gets created.
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .create_with_context(PushContext {
+            assigned: Arc::clone(&assigned),
+        })?;
         consumer.subscribe(&[&settings.topic])?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("push-consumer".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || run(&consumer, &shards, &stop)
+                let topic = settings.topic.clone();
+                move || run(&consumer, &topic, &shards, &assigned, &stop)
             })
             .map_err(|error| {
                 rdkafka::error::KafkaError::ClientCreation(format!("push consumer thread: {error}"))
@@ -219,12 +294,33 @@ impl PushConsumer {
     }
 }
 
+/// How long the consumer may go without partitions before it leaves and joins its group
+/// again. The node is its group's only live member, yet tansu 0.6's coordinator can complete
+/// a generation whose elected leader is the node's previous, killed run: the new member is
+/// handed nothing and the group stays so (docs/RELIABILITY.md). Longer than the session
+/// timeout, so the dead member has expired when the node joins again.
+const UNASSIGNED_REJOIN: Duration = Duration::from_secs(15);
+
 fn run(
     consumer: &BaseConsumer<PushContext>,
+    topic: &str,
     shards: &[flume::Sender<ShardCommand>],
+    assigned: &AtomicBool,
     stop: &AtomicBool,
 ) {
+    let mut unassigned_since = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if assigned.load(Ordering::Acquire) {
+            unassigned_since = std::time::Instant::now();
+        } else if unassigned_since.elapsed() >= UNASSIGNED_REJOIN {
+            metrics::counter!("chatify_gateway_push_group_rejoins_total").increment(1);
+            tracing::warn!("no push partitions for {UNASSIGNED_REJOIN:?}: rejoining the group");
+            consumer.unsubscribe();
+            if let Err(error) = consumer.subscribe(&[topic]) {
+                tracing::error!(%error, "cannot subscribe to the push topic again");
+            }
+            unassigned_since = std::time::Instant::now();
+        }
         let mut records = Vec::new();
         let mut wait = POLL_WAIT;
         while records.len() < POLL_BATCH_MAX {

@@ -9,11 +9,17 @@
 //! [`ProduceError::QueueFull`], and the outcome comes back through the delivery callback on
 //! librdkafka's poll thread, which hands a failure to the owning shard's inbox. The gateway
 //! never acks a message itself: the ack comes from storage-writer once it is durable.
+//!
+//! A producer that keeps failing is replaced: a supervisor thread swaps in a new one when
+//! librdkafka reports a fatal error or every delivery has failed for twice the delivery
+//! timeout. An idempotent producer whose records timed out during a broker outage can be
+//! left failing for good when the broker cannot bump its epoch (tansu 0.6 after a restart:
+//! docs/RELIABILITY.md); a new producer gets a new producer id and recovers.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{
@@ -45,11 +51,42 @@ pub enum ProduceError {
     Kafka(#[from] KafkaError),
 }
 
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// Delivery outcomes across producer generations, read by the supervisor.
+#[derive(Debug, Default)]
+struct Health {
+    /// When the current run of failed deliveries began (Unix ms); 0 after a success.
+    failing_since_ms: AtomicI64,
+}
+
+impl Health {
+    fn delivered(&self) {
+        self.failing_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn failed(&self) {
+        let _ = self.failing_since_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// Producer callbacks: delivery reports go back to the shard that owns the connection.
 #[derive(Debug, Default)]
 pub struct UpstreamContext {
-    /// Set once the shards exist (the producer is created first).
-    shards: OnceLock<Vec<flume::Sender<ShardCommand>>>,
+    /// Set once the shards exist (the producer is created first); shared by every
+    /// producer generation.
+    shards: Arc<OnceLock<Vec<flume::Sender<ShardCommand>>>>,
+    health: Arc<Health>,
 }
 
 impl ClientContext for UpstreamContext {}
@@ -60,8 +97,10 @@ impl ProducerContext for UpstreamContext {
     fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
         let Err((error, _)) = result else {
             metrics::counter!("chatify_gateway_upstream_delivered_total").increment(1);
+            self.health.delivered();
             return;
         };
+        self.health.failed();
         match *pending {
             Pending::Send {
                 connection_id,
@@ -97,14 +136,17 @@ impl ProducerContext for UpstreamContext {
 
 /// The node's producer. Crosses shards.
 pub struct Upstream {
-    producer: ThreadedProducer<UpstreamContext>,
-    upstream_topic: String,
+    /// The current producer generation; a send holds its own `Arc` while it enqueues.
+    producer: RwLock<Arc<ThreadedProducer<UpstreamContext>>>,
+    settings: UpstreamSettings,
+    shards: Arc<OnceLock<Vec<flume::Sender<ShardCommand>>>>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("upstream_topic", &self.upstream_topic)
+            .field("upstream_topic", &self.settings.upstream_topic)
             .finish_non_exhaustive()
     }
 }
@@ -118,39 +160,84 @@ pub struct UpstreamSettings {
     pub queue_messages_max: u32,
     pub timeout_ms: u64,
     pub idempotence: bool,
+    /// librdkafka debug contexts (`CHATIFY_KAFKA_DEBUG`).
+    pub debug: Option<String>,
 }
 
 impl Upstream {
+    /// Creates the producer and starts its supervisor thread (which ends with the last
+    /// `Arc`).
     pub fn new(settings: &UpstreamSettings) -> Result<Arc<Self>, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &settings.bootstrap_servers)
-            .set("client.id", format!("gateway-{}", settings.node_id))
-            // Idempotent with acks=all: librdkafka's own retries never duplicate or reorder
-            // a session's records.
-            .set("enable.idempotence", settings.idempotence.to_string())
-            .set("acks", "all");
-        if !settings.idempotence {
-            // One request in flight per broker keeps partition order across retries.
-            config.set("max.in.flight.requests.per.connection", "1");
-        }
-        let producer = config
-            .set("linger.ms", "1")
-            .set(
-                "queue.buffering.max.messages",
-                settings.queue_messages_max.to_string(),
-            )
-            .set("message.timeout.ms", settings.timeout_ms.to_string())
-            .create_with_context(UpstreamContext::default())?;
-        Ok(Arc::new(Self {
-            producer,
-            upstream_topic: settings.upstream_topic.clone(),
-        }))
+        let shards = Arc::new(OnceLock::new());
+        let health = Arc::new(Health::default());
+        let producer = create_producer(settings, &shards, &health)?;
+        let upstream = Arc::new(Self {
+            producer: RwLock::new(Arc::new(producer)),
+            settings: settings.clone(),
+            shards,
+            health,
+        });
+        let weak = Arc::downgrade(&upstream);
+        std::thread::Builder::new()
+            .name("upstream-supervisor".into())
+            .spawn(move || supervise(&weak))
+            .map_err(|error| {
+                KafkaError::ClientCreation(format!("upstream supervisor thread: {error}"))
+            })?;
+        Ok(upstream)
     }
 
     /// Lets delivery reports reach the shards (their inboxes, by shard index).
     pub fn attach_shards(&self, inboxes: Vec<flume::Sender<ShardCommand>>) {
-        let _ = self.producer.context().shards.set(inboxes);
+        let _ = self.shards.set(inboxes);
+    }
+
+    fn current(&self) -> Arc<ThreadedProducer<UpstreamContext>> {
+        Arc::clone(
+            &self
+                .producer
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Why the current producer should be replaced, if it should.
+    fn replacement_reason(&self, replaced_at_ms: i64) -> Option<String> {
+        if let Some(fatal) = self.current().client().fatal_error() {
+            return Some(format!("fatal error {fatal:?}"));
+        }
+        let failing_since = self.health.failing_since_ms.load(Ordering::Relaxed);
+        let window = 2 * i64::try_from(self.settings.timeout_ms).unwrap_or(i64::MAX / 4);
+        let now = now_ms();
+        (failing_since != 0 && now - failing_since >= window && now - replaced_at_ms >= window)
+            .then(|| format!("every delivery failed for {} ms", now - failing_since))
+    }
+
+    /// Swaps in a new producer; the old one is dropped here, once no send holds it (its
+    /// queued records are purged and answered `unavailable` through their callbacks).
+    fn replace(&self, reason: &str) {
+        let fresh = match create_producer(&self.settings, &self.shards, &self.health) {
+            Ok(producer) => Arc::new(producer),
+            Err(error) => {
+                tracing::error!(%error, "cannot create a new upstream producer");
+                return;
+            }
+        };
+        let old = std::mem::replace(
+            &mut *self
+                .producer
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            fresh,
+        );
+        self.health.failing_since_ms.store(0, Ordering::Relaxed);
+        metrics::counter!("chatify_gateway_upstream_producer_replaced_total").increment(1);
+        tracing::warn!(reason, "replaced the upstream producer");
+        // Never let a shard thread run the old producer's teardown.
+        while Arc::strong_count(&old) > 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(old);
     }
 
     /// Enqueues one upstream record; never waits.
@@ -160,7 +247,7 @@ impl Upstream {
         payload: &[u8],
         pending: Pending,
     ) -> Result<(), ProduceError> {
-        self.produce(&self.upstream_topic, session_key, payload, pending)
+        self.produce(&self.settings.upstream_topic, session_key, payload, pending)
     }
 
     /// Enqueues a record on any topic (presence events, kicks); never waits.
@@ -174,7 +261,7 @@ impl Upstream {
         let record = BaseRecord::with_opaque_to(topic, Box::new(pending))
             .key(key)
             .payload(payload);
-        match self.producer.send(record) {
+        match self.current().send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 metrics::counter!("chatify_gateway_upstream_queue_full_total").increment(1);
@@ -186,8 +273,57 @@ impl Upstream {
 
     /// Waits (blocking) for what is queued to be delivered, at most `timeout`.
     pub fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(timeout) {
+        if let Err(error) = self.current().flush(timeout) {
             tracing::warn!(%error, "upstream records left unflushed at shutdown");
+        }
+    }
+}
+
+fn create_producer(
+    settings: &UpstreamSettings,
+    shards: &Arc<OnceLock<Vec<flume::Sender<ShardCommand>>>>,
+    health: &Arc<Health>,
+) -> Result<ThreadedProducer<UpstreamContext>, KafkaError> {
+    let mut config = chatify_core::config::client_config(
+        &settings.bootstrap_servers,
+        &format!("gateway-{}", settings.node_id),
+        settings.debug.as_deref(),
+    );
+    // Idempotent with acks=all: librdkafka's own retries never duplicate or reorder a
+    // session's records.
+    config
+        .set("enable.idempotence", settings.idempotence.to_string())
+        .set("acks", "all");
+    if !settings.idempotence {
+        // One request in flight per broker keeps partition order across retries.
+        config.set("max.in.flight.requests.per.connection", "1");
+    }
+    config
+        .set("linger.ms", "1")
+        .set(
+            "queue.buffering.max.messages",
+            settings.queue_messages_max.to_string(),
+        )
+        .set("message.timeout.ms", settings.timeout_ms.to_string())
+        .create_with_context(UpstreamContext {
+            shards: Arc::clone(shards),
+            health: Arc::clone(health),
+        })
+}
+
+/// How often the supervisor looks at the producer.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+fn supervise(upstream: &Weak<Upstream>) {
+    let mut replaced_at_ms = 0;
+    loop {
+        std::thread::sleep(SUPERVISE_EVERY);
+        let Some(upstream) = upstream.upgrade() else {
+            return;
+        };
+        if let Some(reason) = upstream.replacement_reason(replaced_at_ms) {
+            upstream.replace(&reason);
+            replaced_at_ms = now_ms();
         }
     }
 }

@@ -43,13 +43,19 @@ async fn main() -> anyhow::Result<()> {
         redis: redis.clone(),
         mongo: stores.mongo.collection("messages"),
         notifier: storage_reader::notify::Notifier {
-            producer: rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
-                .set("client.id", "storage-reader")
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .create()
-                .context("kafka producer config")?,
+            producer: chatify_core::producer::RenewableProducer::new(
+                config
+                    .kafka
+                    .client_config("storage-reader")
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    // As long as a call waits (`notify::PRODUCE_TIMEOUT`): a record the
+                    // caller was told failed is not delivered minutes later.
+                    .set("message.timeout.ms", "10000")
+                    .clone(),
+                "reader",
+            )
+            .context("kafka producer config")?,
             topics: config.kafka.topics(),
         },
         recall_window_ms: (config.recall_window_seconds * 1000) as i64,

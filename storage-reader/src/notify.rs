@@ -5,13 +5,14 @@
 //! gateway sees one session's pushes in order.
 
 use chatify_core::ids::SessionId;
+use chatify_core::producer::RenewableProducer;
 use chatify_core::routing;
 use chatify_core::topics::Topics;
 use chatify_proto::Message as _;
 use chatify_proto::bus::v1::{MessageEvent, PushRecord, message_event};
 use chatify_proto::client::v1::ServerFrame;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
@@ -23,7 +24,8 @@ const PRODUCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Publishes pushes and events.
 #[derive(Clone)]
 pub struct Notifier {
-    pub producer: FutureProducer,
+    /// Replaced after a failed produce (see [`RenewableProducer`]).
+    pub producer: RenewableProducer,
     pub topics: Topics,
 }
 
@@ -102,8 +104,9 @@ impl Notifier {
         records: &[(String, Vec<u8>)],
         pushes: usize,
     ) -> Result<Vec<bool>, ReaderError> {
+        let producer = self.producer.get();
         let sends = records.iter().map(|(topic, payload)| {
-            self.producer.send(
+            producer.send(
                 FutureRecord::to(topic).key(key).payload(payload),
                 PRODUCE_TIMEOUT,
             )
@@ -113,9 +116,12 @@ impl Notifier {
         // producer's `message.timeout.ms` (librdkafka's default: 5 minutes).
         let results = tokio::time::timeout(PRODUCE_TIMEOUT, futures::future::join_all(sends))
             .await
-            .map_err(|_| ReaderError::Unavailable {
-                store: "kafka",
-                reason: format!("no acknowledgement within {} s", PRODUCE_TIMEOUT.as_secs()),
+            .map_err(|_| {
+                self.producer.renew("no acknowledgement in time");
+                ReaderError::Unavailable {
+                    store: "kafka",
+                    reason: format!("no acknowledgement within {} s", PRODUCE_TIMEOUT.as_secs()),
+                }
             })?;
         let mut delivered = Vec::with_capacity(records.len());
         for (index, result) in results.into_iter().enumerate() {
@@ -138,6 +144,7 @@ impl Notifier {
                     delivered.push(false);
                 }
                 Err((error, _)) => {
+                    self.producer.renew("produce failed");
                     return Err(ReaderError::Unavailable {
                         store: "kafka",
                         reason: error.to_string(),

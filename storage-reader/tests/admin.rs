@@ -107,10 +107,11 @@ impl World {
             manager.clone(),
         );
         let notifier = Notifier {
-            producer: ClientConfig::new()
-                .set("bootstrap.servers", &kafka)
-                .create()
-                .unwrap(),
+            producer: chatify_core::producer::RenewableProducer::new(
+                ClientConfig::new().set("bootstrap.servers", &kafka).clone(),
+                "reader",
+            )
+            .unwrap(),
             topics: topics.clone(),
         };
         let admin = Admin {

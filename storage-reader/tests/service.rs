@@ -207,10 +207,13 @@ impl World {
             redis: redis_manager.clone(),
             mongo: stores.mongo.collection("messages"),
             notifier: Notifier {
-                producer: ClientConfig::new()
-                    .set("bootstrap.servers", &reader_kafka)
-                    .create()
-                    .unwrap(),
+                producer: chatify_core::producer::RenewableProducer::new(
+                    ClientConfig::new()
+                        .set("bootstrap.servers", &reader_kafka)
+                        .clone(),
+                    "reader",
+                )
+                .unwrap(),
                 topics: topics.clone(),
             },
             recall_window_ms: 60_000,
@@ -2076,10 +2079,13 @@ async fn a_store_that_is_down_answers_unavailable() {
         redis,
         mongo: mongo.collection("messages"),
         notifier: Notifier {
-            producer: ClientConfig::new()
-                .set("bootstrap.servers", service_env("KAFKA_BOOTSTRAP_SERVERS"))
-                .create()
-                .unwrap(),
+            producer: chatify_core::producer::RenewableProducer::new(
+                ClientConfig::new()
+                    .set("bootstrap.servers", service_env("KAFKA_BOOTSTRAP_SERVERS"))
+                    .clone(),
+                "reader",
+            )
+            .unwrap(),
             topics: chatify_core::topics::Topics::new(unique_name("rt")),
         },
         recall_window_ms: 60_000,

@@ -7,19 +7,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatify_core::producer::RenewableProducer;
 use chatify_core::stores::Stores;
+use rdkafka::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::WriterError;
 use crate::pipeline::{Pipeline, Sinks};
 use crate::record::{self, Incoming, Poison, Position, RecordLimits};
+use crate::stall::{self, StallWatch};
 
 /// Consumer callbacks: rebalance logs and the consumer-lag gauge.
 #[derive(Debug, Default)]
@@ -82,10 +83,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WriterError> {
     let topics = config.kafka.topics();
-    let consumer: StreamConsumer<WriterContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+    let consumer: StreamConsumer<WriterContext> = config
+        .kafka
+        .client_config("storage-writer")
         .set("group.id", &config.consumer_group)
-        .set("client.id", "storage-writer")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -97,14 +98,15 @@ pub async fn run(
         .create_with_context(WriterContext)?;
     consumer.subscribe(&[&topics.upstream()])?;
     let consumer = Arc::new(consumer);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
-        .set("client.id", "storage-writer")
+    let mut producer_config = config.kafka.client_config("storage-writer");
+    producer_config
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "2")
-        .set("message.timeout.ms", "30000")
-        .create()?;
+        // A publish that cannot finish fails within 10 s and is retried with a new
+        // producer (`Pipeline::process`).
+        .set("message.timeout.ms", "10000");
+    let producer = RenewableProducer::new(producer_config, "writer")?;
     let Some(redis) = chatify_core::stores::connect_redis(&stores.redis, &shutdown).await else {
         return Ok(());
     };
@@ -125,10 +127,17 @@ pub async fn run(
     let mut pipeline = Pipeline::new(sinks, settings);
     tracing::info!(topic = %topics.upstream(), group = %config.consumer_group, "consuming");
     let upstream = topics.upstream();
+    let mut stall = StallWatch::default();
+    let mut stall_check = tokio::time::interval(stall::CHECK_EVERY);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
             received = consumer.recv() => received,
+            _ = stall_check.tick() => {
+                stall::check(&consumer, &upstream, &mut stall).await;
+                continue;
+            }
         };
         let mut batch = Vec::new();
         let mut bytes = 0;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use chatify_core::ids::SessionId;
 use chatify_core::keys;
+use chatify_core::producer::RenewableProducer;
 use chatify_core::topics::Topics;
 use chatify_proto::client::v1::ErrorCode;
 use mongodb::bson::Document;
-use rdkafka::producer::FutureProducer;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -28,8 +28,9 @@ use crate::publish::{self, Delivery, Outbox, Refusal, Resend};
 use crate::record::{Incoming, Poison};
 use crate::sequence::{self, Assigned};
 
-/// How long the producer may take to get one record acknowledged by the broker.
-const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a record may wait for room in the producer's queue (its delivery timeout is
+/// the producer's `message.timeout.ms`).
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a batch came to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -46,13 +47,13 @@ pub struct Sinks {
     pub redis: ConnectionManager,
     pub postgres: PgPool,
     pub mongo: mongodb::Collection<Document>,
-    pub producer: FutureProducer,
+    /// Replaced after a failed publish (see [`Pipeline::process`]).
+    pub producer: RenewableProducer,
     pub topics: Topics,
 }
 
 impl std::fmt::Debug for Sinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // FutureProducer has no Debug.
         f.debug_struct("Sinks")
             .field("topics", &self.topics)
             .finish_non_exhaustive()
@@ -152,6 +153,11 @@ impl Pipeline {
                         records = records.len(),
                         "batch failed; consumption paused until it succeeds"
                     );
+                    // The retried batch publishes everything again, which the gateways
+                    // and clients tolerate (they dedupe by message id and seq).
+                    if stage == Stage::Publish && matches!(failure, StoreFailure::Kafka(_)) {
+                        self.sinks.producer.renew("publish failed");
+                    }
                     tokio::select! {
                         () = shutdown.cancelled() => return Err(WriterError::Abandoned { stage }),
                         () = tokio::time::sleep(delay) => {}
@@ -345,7 +351,7 @@ impl Pipeline {
         let now_ms = chrono::Utc::now().timestamp_millis();
         stage(Stage::Publish, async {
             let records = publish::build(&mut redis, &self.sinks.topics, &outbox, now_ms).await?;
-            publish::produce(&self.sinks.producer, &records, PRODUCE_TIMEOUT).await
+            publish::produce(&self.sinks.producer.get(), &records, PRODUCE_TIMEOUT).await
         })
         .await?;
         crash_point!("writer::after_publish");

@@ -413,9 +413,12 @@ async fn serve(config: storage_reader::config::Config) -> anyhow::Result<std::ne
         redis,
         mongo: stores.mongo.collection("messages"),
         notifier: storage_reader::notify::Notifier {
-            producer: rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
-                .create()?,
+            producer: chatify_core::producer::RenewableProducer::new(
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &config.kafka.kafka_bootstrap_servers)
+                    .clone(),
+                "reader",
+            )?,
             topics: config.kafka.topics(),
         },
         recall_window_ms: 120_000,
