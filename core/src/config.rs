@@ -398,6 +398,7 @@ mod tests {
         assert_eq!(
             vars,
             [
+                "CHATIFY_KAFKA_DEBUG",
                 "CHATIFY_TOPIC_PREFIX",
                 "KAFKA_BOOTSTRAP_SERVERS",
                 "TEST_CHATIFY_PORT"
