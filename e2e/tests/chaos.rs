@@ -5,6 +5,8 @@
 //! kills -9 one of the two gateways. Clients behave as apps should: they resend an unacked
 //! message with the same `client_msg_id`, reconnect (to the other gateway when theirs is
 //! gone) and `sync` from the last seq they hold, and drop deliveries they already have.
+//! loadgen's `chat` runs beside them on gateway A as extra steady load; it must end on its
+//! own (its counts are printed, not judged: it neither resends nor syncs).
 //!
 //! At the end every message any client got an ack for must be stored exactly once in
 //! Postgres and in Mongo under the acked (message_id, seq, session), every sent message
@@ -45,6 +47,11 @@ const SYNC_RETRY_AFTER: Duration = Duration::from_secs(15);
 /// A gap in a session (a later seq seen, an earlier missing) older than this is synced.
 const GAP_SYNC_AFTER: Duration = Duration::from_secs(3);
 const SYNC_PAGE: u32 = 200;
+/// loadgen's chat clients (pairs) and their aggregate offered rate, beside the test's own.
+const LOADGEN_CLIENTS: usize = 20;
+const LOADGEN_RATE: u32 = 20;
+/// How long after the load loadgen may take to finish (its grace, then its report).
+const LOADGEN_END_MAX: Duration = Duration::from_secs(150);
 /// Load runs this long; the faults happen inside it.
 const LOAD: Duration = Duration::from_secs(180);
 /// After the load: how long every outstanding message may take to be acked, and the final
@@ -831,6 +838,37 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
         tokio::time::sleep(SEND_INTERVAL / USERS as u32).await;
     }
 
+    // loadgen's chat load beside the test's own clients (pairs of its own users on gateway
+    // A, which is never killed): the steady load a user of the product would run. Its
+    // messages are not in the ledger (loadgen does not resend or sync, so under these
+    // faults its loss and gap counts are the faults' effect, not a verdict): they are
+    // load, and loadgen itself must end on its own, never hang or panic.
+    let loadgen_json = std::env::temp_dir().join(chatify_e2e::unique_name("chaos-loadgen"));
+    let mut loadgen = std::process::Command::new(chatify_e2e::workspace_binary("loadgen"))
+        .args([
+            "chat",
+            "--target",
+            &format!("ws://{}/ws", stack.gateways[0].ws),
+        ])
+        .args(["-n", &LOADGEN_CLIENTS.to_string()])
+        .args(["--rate", &LOADGEN_RATE.to_string()])
+        .args(["--duration", &LOAD.as_secs().to_string()])
+        .args([
+            "--grace",
+            "20",
+            "--heartbeat-ms",
+            "5000",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&loadgen_json)
+        .env("JWT_SECRET", chatify_e2e::stack::JWT_SECRET)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start loadgen (cargo build --workspace --bins)");
+
     // The faults, on schedule.
     let start = Instant::now();
     let mut injected: Vec<String> = Vec::new();
@@ -889,6 +927,20 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
         clients.push(task.await.expect("client task"));
     }
     let total_seconds = start.elapsed().as_secs_f64();
+    let loadgen_deadline = start + LOAD + LOADGEN_END_MAX;
+    let loadgen_status = loop {
+        match loadgen.try_wait().expect("wait for loadgen") {
+            Some(status) => break Some(status),
+            None if Instant::now() > loadgen_deadline => {
+                let _ = loadgen.kill();
+                break None;
+            }
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let loadgen_result: Option<Value> = std::fs::read(&loadgen_json)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
 
     // The stores, read back.
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -970,6 +1022,25 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
         }
     }
 
+    let loadgen_summary = match (&loadgen_status, &loadgen_result) {
+        (Some(status), Some(result)) if status.success() => format!(
+            "loadgen chat ({LOADGEN_CLIENTS} clients, {LOADGEN_RATE} msg/s offered): counts {}, \
+             correctness {}",
+            result["counts"], result["correctness"]
+        ),
+        (None, _) => {
+            violations.push(format!(
+                "loadgen did not end within {LOADGEN_END_MAX:?} after the load"
+            ));
+            "loadgen: killed, it did not end".into()
+        }
+        (status, _) => {
+            violations.push(format!("loadgen ended with {status:?} and no result"));
+            format!("loadgen: {status:?}")
+        }
+    };
+    let _ = std::fs::remove_file(&loadgen_json);
+
     let acked = ledger.sent.values().filter(|s| s.acked.is_some()).count();
     let counts = &ledger.counts;
     eprintln!(
@@ -980,6 +1051,7 @@ async fn chaos_nothing_acked_is_lost_or_duplicated_and_every_view_matches_the_st
          clients: delivered {} (duplicates seen and suppressed {}), synced new {}, sync \
          overlap {}, gap syncs {}, connects {} (failed attempts {}), clients that moved \
          gateway {moved}, errors {:?}\n\
+         {loadgen_summary}\n\
          violations: {}",
         injected.len(),
         injected.join("\n  "),
