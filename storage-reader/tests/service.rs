@@ -120,6 +120,27 @@ fn as_user<T>(user: &str, message: T) -> Request<T> {
 }
 
 impl World {
+    /// MarkMessageRead as `user` (a client token); the read seq the reader answers.
+    async fn mark_read(
+        &self,
+        user: &str,
+        session_id: &str,
+        seq: u64,
+    ) -> Result<u64, tonic::Status> {
+        self.client
+            .clone()
+            .mark_message_read(as_user(
+                user,
+                MarkMessageReadRequest {
+                    session_id: session_id.to_owned(),
+                    seq,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|response| response.into_inner().read_seq)
+    }
+
     /// Starts the writer (real pipeline) and the reader (real service, real gRPC).
     async fn start() -> Self {
         Self::start_with(storage_reader::store::ArchiveStore::Postgres).await
@@ -1077,7 +1098,7 @@ async fn every_session_rpc_refuses_a_non_member() {
 
 #[tokio::test]
 async fn reads_only_move_forward_and_unread_counts_follow() {
-    let mut world = World::start().await;
+    let world = World::start().await;
     let (alice, bob) = (world.user("alice"), world.user("bob"));
     let chat = SessionId::single(&alice, &bob).unwrap();
     world.chat(&alice, &chat, 0, 30).await;
@@ -1157,15 +1178,7 @@ async fn reads_only_move_forward_and_unread_counts_follow() {
         .unread_count;
     assert_eq!(from_laptop, 10);
     let past_end = world
-        .client
-        .mark_message_read(as_user(
-            &bob,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 31,
-                ..Default::default()
-            },
-        ))
+        .mark_read(&bob, &chat.to_string(), 31)
         .await
         .expect_err("past the end");
     assert_eq!(past_end.code(), Code::InvalidArgument);
@@ -1555,16 +1568,7 @@ async fn session_lists_page_newest_first_with_unread_counts_and_survive_redis_lo
     }
     let read_chat = SessionId::single(&hub, &peers[11]).unwrap();
     world
-        .client
-        .clone()
-        .mark_message_read(as_user(
-            &hub,
-            MarkMessageReadRequest {
-                session_id: read_chat.to_string(),
-                seq: 2,
-                ..Default::default()
-            },
-        ))
+        .mark_read(&hub, &read_chat.to_string(), 2)
         .await
         .unwrap();
     let list_all = || {
@@ -1761,19 +1765,7 @@ async fn recall_tombstones_everywhere_and_reads_send_receipts() {
         Code::FailedPrecondition
     );
     // Bob reads: alice's devices (and bob's) get a receipt.
-    world
-        .client
-        .clone()
-        .mark_message_read(as_user(
-            &bob,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 3,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    world.mark_read(&bob, &chat.to_string(), 3).await.unwrap();
     let receipt = world
         .wait_push(|record| match record.frame.as_ref()?.frame.as_ref()? {
             Frame::ReadReceipt(receipt) => Some((receipt.clone(), record.connection_ids.clone())),
@@ -1802,33 +1794,9 @@ async fn burn_after_read_purges_the_content_in_every_store() {
         .mongo
         .collection::<mongodb::bson::Document>("messages");
     // Alice reading her own messages starts nothing; nothing is due yet.
-    world
-        .client
-        .clone()
-        .mark_message_read(as_user(
-            &alice,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 3,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    world.mark_read(&alice, &chat.to_string(), 3).await.unwrap();
     // Bob reads the first burning message only.
-    world
-        .client
-        .clone()
-        .mark_message_read(as_user(
-            &bob,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 1,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    world.mark_read(&bob, &chat.to_string(), 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let burned = storage_reader::store::burn_due(&world.postgres, &collection, &mut redis_manager)
         .await
@@ -1921,19 +1889,7 @@ async fn burn_after_read_purges_the_content_in_every_store() {
         }
     };
     assert_eq!(last_listed(&bob).await, (4, "message 3".to_owned()));
-    world
-        .client
-        .clone()
-        .mark_message_read(as_user(
-            &bob,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 4,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    world.mark_read(&bob, &chat.to_string(), 4).await.unwrap();
     // Sweep until seq 4's timer has run out and it is burned.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -2301,15 +2257,7 @@ async fn kafka_down_under_the_reader_fails_the_commands_that_publish_with_unavai
     assert_eq!(world.all_pages(&bob, &chat, false).await, vec![1, 2]);
     // A read that moves the cursor sends a receipt (a push to alice, a message event).
     let status = world
-        .client
-        .mark_message_read(as_user(
-            &bob,
-            MarkMessageReadRequest {
-                session_id: chat.to_string(),
-                seq: 2,
-                ..Default::default()
-            },
-        ))
+        .mark_read(&bob, &chat.to_string(), 2)
         .await
         .expect_err("kafka down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
