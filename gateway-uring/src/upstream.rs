@@ -16,7 +16,9 @@
 //! left failing for good when the broker cannot bump its epoch (tansu 0.6 after a restart:
 //! docs/RELIABILITY.md); a new producer gets a new producer id and recovers.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chatify_core::routing::unix_now_ms;
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -51,18 +53,11 @@ pub enum ProduceError {
     Kafka(#[from] KafkaError),
 }
 
-/// Unix milliseconds now.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
-
 /// Delivery outcomes across producer generations, read by the supervisor.
 #[derive(Debug, Default)]
 struct Health {
     /// When the current run of failed deliveries began (Unix ms); 0 after a success.
-    failing_since_ms: AtomicI64,
+    failing_since_ms: AtomicU64,
 }
 
 impl Health {
@@ -73,7 +68,7 @@ impl Health {
     fn failed(&self) {
         let _ = self.failing_since_ms.compare_exchange(
             0,
-            now_ms(),
+            unix_now_ms(),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
@@ -202,14 +197,16 @@ impl Upstream {
     }
 
     /// Why the current producer should be replaced, if it should.
-    fn replacement_reason(&self, replaced_at_ms: i64) -> Option<String> {
+    fn replacement_reason(&self, replaced_at_ms: u64) -> Option<String> {
         if let Some(fatal) = self.current().client().fatal_error() {
             return Some(format!("fatal error {fatal:?}"));
         }
         let failing_since = self.health.failing_since_ms.load(Ordering::Relaxed);
-        let window = 2 * i64::try_from(self.settings.timeout_ms).unwrap_or(i64::MAX / 4);
-        let now = now_ms();
-        (failing_since != 0 && now - failing_since >= window && now - replaced_at_ms >= window)
+        let window = self.settings.timeout_ms.saturating_mul(2);
+        let now = unix_now_ms();
+        (failing_since != 0
+            && now.saturating_sub(failing_since) >= window
+            && now.saturating_sub(replaced_at_ms) >= window)
             .then(|| format!("every delivery failed for {} ms", now - failing_since))
     }
 
@@ -323,7 +320,7 @@ fn supervise(upstream: &Weak<Upstream>) {
         };
         if let Some(reason) = upstream.replacement_reason(replaced_at_ms) {
             upstream.replace(&reason);
-            replaced_at_ms = now_ms();
+            replaced_at_ms = unix_now_ms();
         }
     }
 }
