@@ -14,7 +14,8 @@
 # Usage: bench/run-e2e-chat.sh            (under flock /work/bench.lock when others bench)
 # Env:   RUNS (3), RATE (10000, aggregate over all loadgens), CONNECTIONS (2000 per gateway),
 #        DURATION (10), WARMUP (2), GRACE (30), GATEWAYS (1), SHARDS (2), CODEC (json),
-#        BUILD (1), CARGO_TARGET_DIR
+#        DRAIN_MAX (600: after each run, wait at most this long for the writer's backlog to
+#        drain, so runs do not measure each other), BUILD (1), CARGO_TARGET_DIR
 # Needs the services of `scripts/services.sh up` (.local/chatify.env).
 set -euo pipefail
 # shellcheck source=bench/lib-peers.sh
@@ -55,6 +56,24 @@ cleanup() { for pid in "${PIDS[@]}"; do stop_pid "$pid"; done; }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Messages the writer has handled (every outcome), from its /metrics.
+writer_handled() {
+    curl -fsS "http://127.0.0.1:$WRITER_ADMIN/metrics" 2>/dev/null |
+        awk '/^chatify_writer_messages_total/ { n += $NF } END { printf "%d\n", n }'
+}
+# Waits until the writer has handled nothing new for 5 s (its backlog is drained), so a run
+# never measures the one before (at most DRAIN_MAX seconds).
+wait_drained() {
+    local last=-1 still=0 now
+    for _ in $(seq "${DRAIN_MAX:-600}"); do
+        now=$(writer_handled)
+        if [[ $now == "$last" ]]; then still=$((still + 1)); else still=0; fi
+        [[ $still -ge 5 ]] && { echo "writer drained: $now messages handled in all"; return 0; }
+        last=$now
+        sleep 1
+    done
+    echo "writer still busy after ${DRAIN_MAX:-600} s (handled $now); the next run starts anyway" >&2
+}
 wait_ready() { # name admin-port pid
     for _ in $(seq 900); do
         if curl -fsS "http://127.0.0.1:$2/readyz" >/dev/null 2>&1; then return 0; fi
@@ -80,6 +99,7 @@ env -i PATH="$PATH" "${common_env[@]}" CHATIFY_ADMIN_ADDR=127.0.0.1:$port \
     CHATIFY_WRITER_GROUP="$PREFIX-writers" "$BIN/storage-writer" >"$RESULTS/writer.log" 2>&1 &
 PIDS+=("$!")
 WRITER_PID=$!
+WRITER_ADMIN=$port
 wait_ready writer "$port" "$WRITER_PID"
 
 port=$(free_port)
@@ -129,7 +149,7 @@ for run in $(seq "$RUNS"); do
     writer_cpu1=$(cpu_seconds "$WRITER_PID")
     echo "run $run: load average before $load; writer CPU $(python3 -c "print(round($writer_cpu1 - $writer_cpu0, 1))") s"
     echo "$load" >"$RESULTS/run$run.loadavg"
-    sleep 5
+    wait_drained
 done
 
 python3 - "$RESULTS" "$RUNS" "$GATEWAYS" <<'EOF' | tee "$RESULTS/results.md"

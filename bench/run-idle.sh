@@ -10,13 +10,15 @@
 #   growth per connection (kernel socket structures of both ends: client and server).
 # scale: GATEWAYS gateway-uring processes (own CHATIFY_NODE_ID and ports, 1 shard each,
 #   unpinned) each held at PER_GATEWAY connections by its own load process on its own 127.x
-#   source addresses: 100k+ connections on the box. One round.
+#   source addresses: 100k+ connections on the box, the load processes ramping one after
+#   another (each connection heartbeats from the moment it opens). One round.
 #
 # Usage: bench/run-idle.sh [single|scale|both]     (under flock /work/bench.lock)
 # Env:   TABLE_ONLY (a results dir: only remake its single table), RUNS (3), IDLE_CONNECTIONS (19000), HEARTBEAT_SECONDS (10), SETTLE_SECONDS (15),
 #        SERVERS ("gateway tungstenite fastwebsockets node-ws uws"; also gateway-epoll, and
 #        gateway-before / gateway-epoll-before with GATEWAY_BEFORE_BIN), GATEWAYS (6),
-#        PER_GATEWAY (18000), SERVER_CPU (0), CLIENT_CPU (1), BUILD (1), CARGO_TARGET_DIR
+#        PER_GATEWAY (18000), SCALE_SERVER (gateway; gateway-before runs GATEWAY_BEFORE_BIN),
+#        SERVER_CPU (0), CLIENT_CPU (1), BUILD (1), CARGO_TARGET_DIR
 # Needs Redis (REDIS_URL in .local/chatify.env): the gateway checks the token deny-list.
 set -euo pipefail
 # shellcheck source=bench/lib-peers.sh
@@ -30,6 +32,7 @@ HEARTBEAT_SECONDS=${HEARTBEAT_SECONDS:-10}
 SETTLE_SECONDS=${SETTLE_SECONDS:-15}
 GATEWAYS=${GATEWAYS:-6}
 PER_GATEWAY=${PER_GATEWAY:-18000}
+SCALE_SERVER=${SCALE_SERVER:-gateway}
 read -r -a SERVERS <<<"${SERVERS:-gateway tungstenite fastwebsockets node-ws uws}"
 RESULTS=$TARGET_DIR/bench-results/idle-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RESULTS"
@@ -54,14 +57,14 @@ trap cleanup EXIT
 slab_kib() { awk '/^Slab:/ { print $2 }' /proc/meminfo; }
 established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 
-wait_ready() { # file... (120 s at most)
-    for _ in $(seq 1200); do
+wait_ready() { # file... (300 s at most)
+    for _ in $(seq 3000); do
         local all=1
         for f in "$@"; do [[ -s $f ]] || all=0; done
         [[ $all == 1 ]] && return 0
         sleep 0.1
     done
-    echo "load processes not ready in 120 s" >&2
+    echo "load processes not ready in 300 s" >&2
     return 1
 }
 
@@ -118,7 +121,7 @@ scale_round() {
     load=$(cut -d' ' -f1-3 /proc/loadavg)
     for k in $(seq 0 $((GATEWAYS - 1))); do
         local port=$((18600 + 10 * k))
-        SERVER_CPU=0-1 start_server gateway "$port" "$out-gw$k.server.log" "gw-idle-$k"
+        SERVER_CPU=0-1 start_server "$SCALE_SERVER" "$port" "$out-gw$k.server.log" "gw-idle-$k"
         ports+=("$port")
         server_pids+=("$SERVER_PID")
         PIDS+=("$SERVER_PID")
@@ -136,6 +139,9 @@ scale_round() {
             --ready-file "$out-load$k.ready" --json-out "$out-load$k.json" >"$out-load$k.log" 2>&1 &
         load_pids+=("$!")
         PIDS+=("$!")
+        # One ramp at a time: six ramps at once on a small box make the shared Redis answer
+        # admissions late (refusals with 503); the connections already open heartbeat meanwhile.
+        wait_ready "$out-load$k.ready"
     done
     wait_ready "${ready[@]}"
     sleep "$SETTLE_SECONDS"

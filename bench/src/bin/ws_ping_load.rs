@@ -7,8 +7,10 @@
 //! - `ping`, open loop (`--rate R`): R pings/s in total, spread evenly over the connections
 //!   on a fixed schedule; latency is measured from the intended send time, so a server that
 //!   falls behind is charged for it (no coordinated omission), and also from the actual send.
-//! - `idle`: holds the connections open with one JSON ping per `--heartbeat-seconds`, writes
-//!   `--ready-file` once all are open, and stops after `--hold-seconds` (or on SIGTERM/SIGINT).
+//! - `idle`: holds the connections open with one JSON ping per `--heartbeat-seconds` (each
+//!   connection from the moment it opens, so a slow ramp never lets the first ones go silent),
+//!   writes `--ready-file` once all are open, and stops after `--hold-seconds` (or on
+//!   SIGTERM/SIGINT).
 //!
 //! The client speaks WebSocket itself over plain `TcpStream`s (a fixed handshake, masked text
 //! frames written in batches with `try_write`, server frames scanned for the echoed
@@ -387,6 +389,28 @@ fn run(args: &Args, target: Target) -> anyhow::Result<Report> {
     let go = Arc::new(std::sync::Barrier::new(args.threads + 1));
     let connect_started = Instant::now();
     let cpu_at_start = process_cpu_seconds();
+    let plan_from = |origin: Instant, connections_open: usize| {
+        let measure_from = origin + Duration::from_secs(args.warmup_seconds);
+        let measure_until = match args.mode {
+            Mode::Ping => measure_from + Duration::from_secs(args.seconds),
+            // Idle: the hold is ended by the stop flag, not by a deadline.
+            Mode::Idle => origin + Duration::from_secs(365 * 24 * 3600),
+        };
+        let interval = (args.rate > 0.0 && connections_open > 0)
+            .then(|| Duration::from_secs_f64(connections_open as f64 / args.rate));
+        Plan {
+            origin,
+            measure_from,
+            measure_until,
+            mode: args.mode,
+            in_flight: args.in_flight,
+            interval,
+            heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
+            connections: args.connections,
+        }
+    };
+    // Idle connections heartbeat on a schedule that starts with the ramp.
+    let idle_plan = (args.mode == Mode::Idle).then(|| plan_from(connect_started, 0));
 
     let mut threads = Vec::new();
     for (shard, requests) in requests.into_iter().enumerate() {
@@ -407,24 +431,34 @@ fn run(args: &Args, target: Target) -> anyhow::Result<Report> {
                         .build()
                         .context("build tokio runtime")?;
                     runtime.block_on(async move {
-                        let sockets = connect_all(&target, requests, concurrency, &errors).await;
-                        open.fetch_add(sockets.len() as u64, Ordering::Relaxed);
+                        let histograms: SharedHistograms =
+                            Arc::new(std::sync::Mutex::new(Histograms::new()?));
+                        let spawn = |plan: Plan, (index, stream, leftover)| {
+                            let errors = Arc::clone(&errors);
+                            let stop = stop.clone();
+                            let histograms = Arc::clone(&histograms);
+                            tokio::spawn(connection(
+                                stream, leftover, index, plan, errors, stop, histograms,
+                            ))
+                        };
+                        let mut tasks = Vec::new();
+                        let mut sockets = Vec::new();
+                        // Idle: each connection starts its heartbeats as soon as it is open,
+                        // so a long ramp (many processes sharing the box) never leaves the
+                        // first connections silent past the server's heartbeat timeout.
+                        // Ping: all start at one instant, after every connection is open.
+                        connect_each(&target, requests, concurrency, &errors, |opened| {
+                            match idle_plan {
+                                Some(plan) => tasks.push(spawn(plan, opened)),
+                                None => sockets.push(opened),
+                            }
+                        })
+                        .await;
+                        open.fetch_add((tasks.len() + sockets.len()) as u64, Ordering::Relaxed);
                         connected.wait();
                         go.wait();
                         let plan = *started.get().context("plan set before go")?;
-                        let histograms: SharedHistograms =
-                            Arc::new(std::sync::Mutex::new(Histograms::new()?));
-                        let tasks: Vec<_> = sockets
-                            .into_iter()
-                            .map(|(index, stream, leftover)| {
-                                let errors = Arc::clone(&errors);
-                                let stop = stop.clone();
-                                let histograms = Arc::clone(&histograms);
-                                tokio::spawn(connection(
-                                    stream, leftover, index, plan, errors, stop, histograms,
-                                ))
-                            })
-                            .collect();
+                        tasks.extend(sockets.into_iter().map(|opened| spawn(plan, opened)));
                         let mut results = Vec::with_capacity(tasks.len());
                         for task in tasks {
                             results.push(task.await.context("connection task panicked")?);
@@ -444,25 +478,7 @@ fn run(args: &Args, target: Target) -> anyhow::Result<Report> {
     connected.wait();
     let connect_ms = connect_started.elapsed().as_secs_f64() * 1e3;
     let connections_open = usize::try_from(open.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-    let origin = Instant::now();
-    let measure_from = origin + Duration::from_secs(args.warmup_seconds);
-    let measure_until = match args.mode {
-        Mode::Ping => measure_from + Duration::from_secs(args.seconds),
-        // Idle: the hold is ended by the stop flag, not by a deadline.
-        Mode::Idle => origin + Duration::from_secs(365 * 24 * 3600),
-    };
-    let interval = (args.rate > 0.0 && connections_open > 0)
-        .then(|| Duration::from_secs_f64(connections_open as f64 / args.rate));
-    let plan = Plan {
-        origin,
-        measure_from,
-        measure_until,
-        mode: args.mode,
-        in_flight: args.in_flight,
-        interval,
-        heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
-        connections: args.connections,
-    };
+    let plan = idle_plan.unwrap_or_else(|| plan_from(Instant::now(), connections_open));
     let _ = started.set(plan);
     go.wait();
     let cpu_at_load = process_cpu_seconds();
@@ -590,12 +606,15 @@ fn request_head(target: &Target, token: &str) -> String {
 
 /// Opens `requests` with at most `concurrency` handshakes at a time. Returns each open
 /// connection with any bytes the server sent after its response head.
-async fn connect_all(
+/// Opens the connections, `concurrency` handshakes at a time, handing each one that opened
+/// (index, stream, bytes read after the handshake) to `on_open`.
+async fn connect_each(
     target: &Target,
     requests: Vec<Request>,
     concurrency: usize,
     errors: &Errors,
-) -> Vec<(usize, TcpStream, Vec<u8>)> {
+    mut on_open: impl FnMut((usize, TcpStream, Vec<u8>)),
+) {
     futures::stream::iter(requests)
         .map(|request| async move {
             match handshake(target, &request).await {
@@ -615,9 +634,13 @@ async fn connect_all(
             }
         })
         .buffer_unordered(concurrency)
-        .filter_map(|opened| async move { opened })
-        .collect()
-        .await
+        .for_each(|opened| {
+            if let Some(opened) = opened {
+                on_open(opened);
+            }
+            std::future::ready(())
+        })
+        .await;
 }
 
 #[derive(Debug)]
@@ -981,7 +1004,18 @@ async fn connection(
         (Mode::Ping, Some(interval)) => Some(interval),
         (Mode::Ping, None) => None,
     };
-    let mut next_due = period.map(|period| plan.origin + phase(period));
+    let mut next_due = period.map(|period| {
+        let mut first = plan.origin + phase(period);
+        if plan.mode == Mode::Idle {
+            // Opened after its first slots (a long ramp): one heartbeat now at most, not one
+            // per slot missed.
+            let now = Instant::now();
+            while first + period <= now {
+                first += period;
+            }
+        }
+        first
+    });
     if period.is_none() {
         for _ in 0..plan.in_flight {
             conn.queue_ping(&plan, None);
