@@ -12,6 +12,16 @@
 //! - `query-archive`: the same with the hot cache dropped (Postgres path);
 //! - `list-sessions`: ListSessions, first 50 of the user's sessions.
 //!
+//! Both sides decode what they read: raw-redis decodes each of the 51 entries into a
+//! `ChatMessage`, the gRPC callers decode each response in full (50 `ChatMessage`s). The
+//! gRPC callers use [`GrpcCaller`] (`--grpc-client h2`, the default): unary gRPC on one
+//! HTTP/2 connection with the `h2` crate, written and read by the calling task, because
+//! tonic's `Channel` costs the callers about as much CPU per call as the reader spends
+//! serving it (a `Buffer` worker task, hyper's client task and a task spawned per call),
+//! and callers, reader and redis-server share this box's cores. The wire traffic is the
+//! same as tonic's; `--grpc-client tonic` calls through tonic's generated client as
+//! gateway-uring's reader bridge does. Neither side was made to skip work the other does.
+//!
 //! Each row also says how many cores the callers, the reader and redis-server used during
 //! the case (thread CPU time from /proc, redis-server's from `INFO cpu`), so a run on a
 //! small machine shows which of them was the bottleneck, and the reader's CPU per call
@@ -26,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use bytes::{BufMut as _, Bytes, BytesMut};
 use chatify_core::ids::{MessageId, SessionId};
 use chatify_core::keys;
 use chatify_core::stores::Stores;
@@ -33,7 +44,9 @@ use chatify_proto::Message as _;
 use chatify_proto::client::v1::{ChatMessage, MessageType};
 use chatify_proto::storage::v1::storage_service_client::StorageServiceClient;
 use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
-use chatify_proto::storage::v1::{ListSessionsRequest, QueryMessagesRequest};
+use chatify_proto::storage::v1::{
+    ListSessionsRequest, ListSessionsResponse, QueryMessagesRequest, QueryMessagesResponse,
+};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use storage_writer::cache::{self, CacheLimits, StoredMessage};
@@ -64,6 +77,9 @@ struct Args {
     /// Times each case runs (raw-redis and query-cache alternate).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// How the gRPC cases call the reader.
+    #[arg(long, value_enum, default_value_t = Client::H2)]
+    grpc_client: Client,
     /// Cases to run.
     #[arg(
         long,
@@ -71,6 +87,15 @@ struct Args {
         default_value = "raw-redis,query-cache,query-archive,list-sessions"
     )]
     cases: Vec<Case>,
+}
+
+/// The gRPC callers' client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Client {
+    /// [`GrpcCaller`]: requests written and responses read by the calling task.
+    H2,
+    /// tonic's generated client over a `Channel` (what gateway-uring's reader bridge uses).
+    Tonic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -207,10 +232,16 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
         })
         .await
         .context("reader task")??;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token(&bob)?).parse()?;
+    let bearer = format!("Bearer {}", token(&bob)?);
+    let caller = match args.grpc_client {
+        Client::H2 => Caller::H2(GrpcCaller::connect(addr, bearer.parse()?).await?),
+        Client::Tonic => Caller::Tonic {
+            channel: tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+            bearer: bearer.parse()?,
+        },
+    };
 
     println!(
         "| case | concurrency | calls/s | p50 ms | p99 ms | max ms | entries/call | cores: callers / reader / redis | reader µs CPU / call |\n|---|---|---|---|---|---|---|---|---|"
@@ -243,40 +274,34 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             }
         }
     };
-    let query = |channel: tonic::transport::Channel| {
-        let bearer = bearer.clone();
-        let session_id = chat.to_string();
+    let query = {
+        let caller = caller.clone();
+        let request = QueryMessagesRequest {
+            session_id: chat.to_string(),
+            direction: chatify_proto::storage::v1::Direction::Backward as i32,
+            limit: 50,
+            ..Default::default()
+        };
         move || {
-            let mut client = StorageServiceClient::new(channel.clone());
-            let mut request = tonic::Request::new(QueryMessagesRequest {
-                session_id: session_id.clone(),
-                direction: chatify_proto::storage::v1::Direction::Backward as i32,
-                limit: 50,
-                ..Default::default()
-            });
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
+            let caller = caller.clone();
+            let request = request.clone();
             async move {
-                let page = client.query_messages(request).await?.into_inner();
+                let page = caller.query_messages(request).await?;
                 anyhow::Ok(page.messages.len())
             }
         }
     };
     let sessions_call = {
-        let channel = channel.clone();
-        let bearer = bearer.clone();
+        let caller = caller.clone();
         move || {
-            let mut client = StorageServiceClient::new(channel.clone());
-            let mut request = tonic::Request::new(ListSessionsRequest {
-                limit: 50,
-                ..Default::default()
-            });
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
+            let caller = caller.clone();
             async move {
-                let page = client.list_sessions(request).await?.into_inner();
+                let page = caller
+                    .list_sessions(ListSessionsRequest {
+                        limit: 50,
+                        ..Default::default()
+                    })
+                    .await?;
                 anyhow::Ok(page.sessions.len())
             }
         }
@@ -293,13 +318,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             raw.push(outcome);
         }
         if wants(Case::QueryCache) {
-            let outcome = run_case(
-                &mut stats,
-                args.concurrency,
-                duration,
-                query(channel.clone()),
-            )
-            .await?;
+            let outcome = run_case(&mut stats, args.concurrency, duration, query.clone()).await?;
             print_row("query-cache", args.concurrency, &outcome);
             cached.push(outcome);
         }
@@ -318,13 +337,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             .await?;
         let mut archive = Vec::new();
         for _ in 0..args.rounds {
-            let outcome = run_case(
-                &mut stats,
-                args.concurrency,
-                duration,
-                query(channel.clone()),
-            )
-            .await?;
+            let outcome = run_case(&mut stats, args.concurrency, duration, query.clone()).await?;
             print_row("query-archive", args.concurrency, &outcome);
             archive.push(outcome);
         }
@@ -577,4 +590,159 @@ where
         latency,
         cores,
     })
+}
+
+/// gRPC path of QueryMessages.
+const QUERY_MESSAGES_PATH: &str = "/chatify.storage.v1.StorageService/QueryMessages";
+/// gRPC path of ListSessions.
+const LIST_SESSIONS_PATH: &str = "/chatify.storage.v1.StorageService/ListSessions";
+
+/// The callers' gRPC client (`--grpc-client`), cloned into each caller.
+#[derive(Clone)]
+enum Caller {
+    H2(GrpcCaller),
+    Tonic {
+        channel: tonic::transport::Channel,
+        bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    },
+}
+
+impl Caller {
+    async fn query_messages(
+        &self,
+        request: QueryMessagesRequest,
+    ) -> anyhow::Result<QueryMessagesResponse> {
+        match self {
+            Self::H2(caller) => caller.unary(QUERY_MESSAGES_PATH, &request).await,
+            Self::Tonic { channel, bearer } => {
+                let mut client = StorageServiceClient::new(channel.clone());
+                let mut request = tonic::Request::new(request);
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                Ok(client.query_messages(request).await?.into_inner())
+            }
+        }
+    }
+
+    async fn list_sessions(
+        &self,
+        request: ListSessionsRequest,
+    ) -> anyhow::Result<ListSessionsResponse> {
+        match self {
+            Self::H2(caller) => caller.unary(LIST_SESSIONS_PATH, &request).await,
+            Self::Tonic { channel, bearer } => {
+                let mut client = StorageServiceClient::new(channel.clone());
+                let mut request = tonic::Request::new(request);
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                Ok(client.list_sessions(request).await?.into_inner())
+            }
+        }
+    }
+}
+
+/// A gRPC unary caller on one HTTP/2 connection driven by the `h2` crate (the HTTP/2 of
+/// tonic and hyper) directly: the calling task writes the request and reads the response.
+/// tonic's `Channel` passes each call through a `Buffer` worker task, hyper's client task
+/// and a task spawned per call before h2, which made the callers spend about as much CPU
+/// per call as the reader spent serving it. The wire traffic is tonic's: HEADERS (`POST`,
+/// the method's path, `content-type: application/grpc`, `te: trailers`,
+/// `authorization`), one length-prefixed message, and the answer's `grpc-status` checked
+/// (from the trailers, or the headers of a trailers-only error); the response is decoded
+/// in full, as tonic would.
+#[derive(Clone)]
+struct GrpcCaller {
+    send: h2::client::SendRequest<Bytes>,
+    authority: hyper::http::uri::Authority,
+    authorization: hyper::header::HeaderValue,
+}
+
+impl GrpcCaller {
+    async fn connect(
+        addr: std::net::SocketAddr,
+        authorization: hyper::header::HeaderValue,
+    ) -> anyhow::Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        // The windows tonic's client asks for (hyper's defaults): no page waits on them.
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(5 * 1024 * 1024)
+            .handshake(tcp)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                eprintln!("grpc connection failed: {error}");
+            }
+        });
+        Ok(Self {
+            send,
+            authority: addr.to_string().parse()?,
+            authorization,
+        })
+    }
+
+    /// One unary call of `path` (`/package.Service/Method`).
+    async fn unary<Req, Res>(&self, path: &'static str, request: &Req) -> anyhow::Result<Res>
+    where
+        Req: chatify_proto::Message,
+        Res: chatify_proto::Message + Default,
+    {
+        let len = request.encoded_len();
+        let mut framed = BytesMut::with_capacity(5 + len);
+        framed.put_u8(0);
+        framed.put_u32(u32::try_from(len)?);
+        request.encode(&mut framed)?;
+        let uri = hyper::Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?;
+        let head = hyper::Request::post(uri)
+            .header(hyper::header::CONTENT_TYPE, "application/grpc")
+            .header(hyper::header::TE, "trailers")
+            .header(hyper::header::AUTHORIZATION, self.authorization.clone())
+            .body(())?;
+        let mut send = self.send.clone().ready().await?;
+        let (response, mut stream) = send.send_request(head, false)?;
+        stream.send_data(framed.freeze(), true)?;
+        let (parts, mut body) = response.await?.into_parts();
+        anyhow::ensure!(
+            parts.status == hyper::StatusCode::OK,
+            "http {}",
+            parts.status
+        );
+        if parts.headers.contains_key(GRPC_STATUS) {
+            // Trailers-only: an error (or an empty answer).
+            check_grpc_status(&parts.headers)?;
+        }
+        let mut message = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            body.flow_control().release_capacity(chunk.len())?;
+            message.extend_from_slice(&chunk);
+        }
+        if !parts.headers.contains_key(GRPC_STATUS) {
+            let trailers = body.trailers().await?.unwrap_or_default();
+            check_grpc_status(&trailers)?;
+        }
+        // One length-prefixed, uncompressed message.
+        anyhow::ensure!(message.len() >= 5, "no response message");
+        anyhow::ensure!(message[0] == 0, "compressed response message");
+        let len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
+        anyhow::ensure!(message.len() == 5 + len, "not one response message");
+        Ok(Res::decode(&message[5..])?)
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// Fails unless `headers` carry `grpc-status: 0`.
+fn check_grpc_status(headers: &hyper::HeaderMap) -> anyhow::Result<()> {
+    match headers.get(GRPC_STATUS) {
+        Some(status) if status == "0" => Ok(()),
+        status => anyhow::bail!("grpc-status {status:?}: {:?}", headers.get("grpc-message")),
+    }
 }
