@@ -16,9 +16,8 @@ use chatify_proto::client::v1::{
     ErrorCode, Pong, client_frame::Frame as ClientFrame, server_frame::Frame as ServerFrame,
 };
 
-use crate::auth::Identity;
 use crate::reader_bridge::{ReaderBridge, ReaderCall};
-use crate::shard::{OutboundQueue, ShardCluster};
+use crate::shard::{LiveConnection, ShardCluster};
 use crate::upstream::{Pending, ProduceError, Upstream};
 
 /// Most `sync` / `read` / `recall` requests one connection may have waiting on the reader.
@@ -38,13 +37,10 @@ pub enum Transport {
 /// What a handler knows about the connection a frame came from. Shard-local.
 #[derive(Debug, Clone)]
 pub struct ConnectionContext {
-    /// Node-unique: the shard index is in the high bits.
-    pub connection_id: u64,
-    /// The connection's identity, shared with its entry in the shard's table.
-    pub identity: Rc<Identity>,
+    /// The connection's entry in the shard's table: its id (node-unique: the shard index
+    /// is in the high bits), identity, outbound queue and reader requests in flight.
+    pub(crate) live: Rc<LiveConnection>,
     pub transport: Transport,
-    /// Reader requests of this connection not answered yet.
-    pub reader_in_flight: Rc<Cell<u32>>,
 }
 
 /// Message ids without coordination (shard-local): a UUIDv7 whose time is the receive
@@ -133,11 +129,10 @@ impl ClusterHandler {
     }
 
     /// Handles one frame. An immediate reply (if any) is returned; answers that take a
-    /// round trip are queued on `queue` when they arrive.
+    /// round trip are queued on the connection's outbound queue when they arrive.
     pub fn handle(
         &self,
         connection: &ConnectionContext,
-        queue: &OutboundQueue,
         frame: ClientFrame,
     ) -> Option<ServerFrame> {
         match frame {
@@ -154,7 +149,6 @@ impl ClusterHandler {
             ClientFrame::Send(send) => self.send(connection, send),
             ClientFrame::Sync(sync) => self.ask_reader(
                 connection,
-                queue,
                 sync.request_id.clone(),
                 ReaderCall::Sync {
                     session_id: sync.session_id,
@@ -164,7 +158,6 @@ impl ClusterHandler {
             ),
             ClientFrame::Read(read) => self.ask_reader(
                 connection,
-                queue,
                 read.request_id.clone(),
                 ReaderCall::Read {
                     session_id: read.session_id,
@@ -173,7 +166,6 @@ impl ClusterHandler {
             ),
             ClientFrame::Recall(recall) => self.ask_reader(
                 connection,
-                queue,
                 recall.request_id.clone(),
                 ReaderCall::Recall {
                     message_id: recall.message_id,
@@ -188,7 +180,7 @@ impl ClusterHandler {
         connection: &ConnectionContext,
         send: chatify_proto::client::v1::Send,
     ) -> Option<ServerFrame> {
-        let identity = &connection.identity;
+        let identity = &connection.live.identity;
         // Validated before (`connection::validate`): exactly one target, well formed.
         let session = match (&send.receiver_id, &send.session_id) {
             (Some(receiver), _) => SessionId::single(&identity.user_id, receiver),
@@ -212,14 +204,14 @@ impl ClusterHandler {
             sender_id: identity.user_id.clone(),
             device_id: identity.device_id.clone(),
             node_id: self.node_id.to_string(),
-            connection_id: connection.connection_id,
+            connection_id: connection.live.connection_id,
             received_at_ms: received_at_ms as i64,
             session_id: session_key.clone(),
             message_id: message_id.to_string(),
             command: Some(upstream_command::Command::Send(send)),
         };
         let pending = Pending::Send {
-            connection_id: connection.connection_id,
+            connection_id: connection.live.connection_id,
             client_msg_id: client_msg_id.clone(),
             request_id: request_id.clone(),
         };
@@ -253,7 +245,6 @@ impl ClusterHandler {
     fn ask_reader(
         &self,
         connection: &ConnectionContext,
-        queue: &OutboundQueue,
         request_id: Option<String>,
         call: ReaderCall,
     ) -> Option<ServerFrame> {
@@ -265,7 +256,8 @@ impl ClusterHandler {
                 request_id,
             ));
         };
-        let in_flight = Rc::clone(&connection.reader_in_flight);
+        let live = Rc::clone(&connection.live);
+        let in_flight = &live.reader_in_flight;
         if in_flight.get() >= READER_IN_FLIGHT_MAX {
             return Some(error(
                 ErrorCode::RateLimited,
@@ -275,16 +267,15 @@ impl ClusterHandler {
             ));
         }
         in_flight.set(in_flight.get() + 1);
-        let user_id = connection.identity.user_id.clone();
         let transport = connection.transport;
-        let queue = queue.clone();
         monoio::spawn(async move {
-            let answer = reader.call(&user_id, request_id, call).await;
-            in_flight.set(in_flight.get().saturating_sub(1));
+            let answer = reader.call(&live.identity.user_id, request_id, call).await;
+            live.reader_in_flight
+                .set(live.reader_in_flight.get().saturating_sub(1));
             if let Some(answer) = answer {
                 let (binary, payload) = crate::shard::encode_reply(transport, answer);
-                if queue.push(binary, payload).is_err() {
-                    queue.close_with(1008, "slow consumer", true);
+                if live.queue.push(binary, payload).is_err() {
+                    live.queue.close_with(1008, "slow consumer", true);
                 }
             }
         });

@@ -37,10 +37,9 @@ impl CloseReason {
 /// One authenticated connection's frame processing.
 #[derive(Debug)]
 pub struct Connection {
+    /// This connection's entry in the shard's table (identity, outbound queue, push
+    /// format) and the transport of the frame being handled.
     pub context: ConnectionContext,
-    pub queue: OutboundQueue,
-    /// This connection's entry in the shard's table (push format, last activity).
-    live: Rc<LiveConnection>,
     /// Rate-limited `send` frames in a row on this connection. The allowance is per user
     /// (node-wide), the strikes per connection: the connection that keeps pushing is the one
     /// closed, not the user's other devices.
@@ -49,23 +48,14 @@ pub struct Connection {
 
 impl Connection {
     pub(super) fn new(live: Rc<LiveConnection>, transport: Transport) -> Self {
-        let context = ConnectionContext {
-            connection_id: live.connection_id,
-            identity: Rc::clone(&live.identity),
-            transport,
-            reader_in_flight: Rc::default(),
-        };
         Self {
-            context,
-            queue: live.queue.clone(),
-            live,
+            context: ConnectionContext { live, transport },
             rate_limit_strikes: 0,
         }
     }
 
-    /// The client was heard from (any bytes): remembered for the next route refresh.
-    pub fn touch(&self, now_ms: u64) {
-        self.live.last_active_ms.set(now_ms);
+    pub fn queue(&self) -> &OutboundQueue {
+        &self.context.live.queue
     }
 
     /// Handles one decoded frame; `Err` means close the connection with that reason.
@@ -78,15 +68,20 @@ impl Connection {
         metrics::counter!("chatify_gateway_frames_in_total", "type" => frame_type(&frame))
             .increment(1);
         self.context.transport = transport;
-        self.live
+        self.context
+            .live
             .push_binary
             .set(transport != Transport::WebSocketText);
-        if let Err(reason) = validate(&frame, &self.context.identity.user_id) {
+        if let Err(reason) = validate(&frame, &self.context.live.identity.user_id) {
             return self.reply(error_reply(&frame, ErrorCode::BadRequest, reason));
         }
         if matches!(frame, ClientFrame::Send(_)) {
             // Once per `send`, against the user's node-wide allowance (see `NodeShared`).
-            if shard.node.send_rate.check(&self.context.identity.user_id) {
+            if shard
+                .node
+                .send_rate
+                .check(&self.context.live.identity.user_id)
+            {
                 self.rate_limit_strikes = 0;
             } else {
                 metrics::counter!("chatify_gateway_refusals_total", "reason" => "rate_limited")
@@ -102,7 +97,7 @@ impl Connection {
                 ));
             }
         }
-        if let Some(reply) = shard.handler.handle(&self.context, &self.queue, frame) {
+        if let Some(reply) = shard.handler.handle(&self.context, frame) {
             self.reply(reply)?;
         }
         Ok(())
@@ -111,7 +106,7 @@ impl Connection {
     /// Encodes `reply` in the wire format of the frame it answers and queues it.
     pub fn reply(&self, reply: Reply) -> Result<(), CloseReason> {
         let (binary, payload) = encode_reply(self.context.transport, reply);
-        self.queue.push(binary, payload).map_err(|QueueFull| {
+        self.queue().push(binary, payload).map_err(|QueueFull| {
             metrics::counter!("chatify_gateway_refusals_total", "reason" => "slow_consumer")
                 .increment(1);
             CloseReason::new(1008, "slow consumer")

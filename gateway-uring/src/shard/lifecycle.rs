@@ -1,24 +1,27 @@
 //! The steps every client connection takes whatever its transport (shard-local): claiming
 //! a node-wide connection slot, reading the socket under a deadline (the handshake's own
 //! timer, then the heartbeat enforced by the shard's sweep), authenticating, joining the
-//! shard's connection table with a writer task, and leaving it. Reads borrow a buffer from
-//! the shard's pool only once bytes are there (see [`wait_readable`]). `ws_conn.rs` and
-//! `tcp_conn.rs` add only what their wire format needs.
+//! shard's connection table, reading and writing in the connection's one task
+//! ([`Admitted::run`]), and leaving. Reads borrow a buffer from the shard's pool only once
+//! bytes are there (see [`wait_readable`]). `ws_conn.rs` and `tcp_conn.rs` add only what
+//! their wire format needs.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chatify_core::routing::unix_now_ms;
 
 use bytes::BytesMut;
 use monoio::buf::IoBuf;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt as _, OwnedWriteHalf};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt as _, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use super::buffers;
 use super::connection::CloseReason;
-use super::writer::{self, Framing, OutboundQueue};
+use super::writer::{Framing, OutboundQueue, WriteSide};
 use super::{ConnectionSlot, LiveConnection, Shard};
 use crate::auth::{AuthError, Identity};
 use crate::redis_bridge::Admission;
@@ -136,81 +139,55 @@ pub(super) fn release_read_buffer(shard: &Shard, held: &mut Option<BytesMut>) {
     }
 }
 
-/// Reads after the handshake, like [`read_more_within`] but without a timer: the shard's
-/// heartbeat sweep ends the read of a connection silent for the heartbeat timeout (counted,
-/// and reported as [`ReadEnd::TimedOut`]). The future is small on purpose: it is what an
-/// idle connection's task holds while it waits.
-pub(super) async fn read_or_heartbeat_timeout<R: AsyncReadRent>(
-    shard: &Shard,
-    live: &LiveConnection,
-    reader: &mut R,
-    held: &mut Option<BytesMut>,
-) -> ReadEnd {
+/// One read of an admitted connection: waits until the socket is readable without holding
+/// a buffer ([`wait_readable`]), then reads into `held` (a frame spanning reads) or a
+/// buffer from the shard's pool. It owns the read half while it runs and hands it back, so
+/// the connection task can keep it in flight while it writes. `None`: the peer closed or
+/// the socket failed. After decoding, hand the buffer back with [`release_read_buffer`].
+/// Not an `async fn`, which would keep a second copy of its arguments: this future is what
+/// an idle connection's task holds.
+fn read_step<'shard, R: AsyncReadRent + 'shard>(
+    shard: &'shard Shard,
+    mut reader: R,
+    mut held: Option<BytesMut>,
+) -> impl Future<Output = (R, Option<BytesMut>)> + 'shard {
     use monoio::buf::IoBufMut as _;
-    let mut buffer = match held.take() {
-        Some(mut partial) => {
-            if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
-                partial.reserve(buffers::BUFFER_BYTES);
+    async move {
+        // Also when a frame spans reads: a read straight into its buffer could wait for
+        // long, and it would hold the buffer meanwhile.
+        if wait_readable(&mut reader).await.is_err() {
+            if let Some(buffer) = held.take() {
+                shard.buffers.give(buffer);
             }
-            partial
+            return (reader, None);
         }
-        None => match until_heartbeat_expired(live, wait_readable(reader)).await {
-            Some(Ok(())) => shard.buffers.take(),
-            Some(Err(_)) => return ReadEnd::Closed,
-            None => return heartbeat_timed_out(),
-        },
-    };
-    let start = buffer.len();
-    let end = buffer.capacity();
-    let read = reader.read(buffer.slice_mut(start..end));
-    // On expiry the buffer goes with the dropped read: the connection closes.
-    let Some((result, slice)) = until_heartbeat_expired(live, read).await else {
-        return heartbeat_timed_out();
-    };
-    buffer = slice.into_inner();
-    match result {
-        Ok(0) | Err(_) => {
-            shard.buffers.give(buffer);
-            ReadEnd::Closed
-        }
-        Ok(_) => {
-            *held = Some(buffer);
-            ReadEnd::Data
+        let buffer = match held.take() {
+            Some(mut partial) => {
+                if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
+                    partial.reserve(buffers::BUFFER_BYTES);
+                }
+                partial
+            }
+            None => shard.buffers.take(),
+        };
+        let start = buffer.len();
+        let end = buffer.capacity();
+        let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
+        let buffer = slice.into_inner();
+        match result {
+            Ok(0) | Err(_) => {
+                shard.buffers.give(buffer);
+                (reader, None)
+            }
+            Ok(_) => (reader, Some(buffer)),
         }
     }
 }
 
-fn heartbeat_timed_out() -> ReadEnd {
+fn heartbeat_timed_out() -> CloseReason {
     metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
         .increment(1);
-    ReadEnd::TimedOut
-}
-
-/// Runs `io` until it completes (`Some`) or the heartbeat sweep expires the connection
-/// (`None`; `io` is dropped, which cancels it).
-async fn until_heartbeat_expired<F: std::future::Future>(
-    live: &LiveConnection,
-    io: F,
-) -> Option<F::Output> {
-    let mut io = std::pin::pin!(io);
-    let output = std::future::poll_fn(|cx| {
-        if live.heartbeat_expired.get() {
-            return std::task::Poll::Ready(None);
-        }
-        match io.as_mut().poll(cx) {
-            std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
-            std::task::Poll::Pending => {
-                let mut waker = live.read_waker.borrow_mut();
-                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
-                }
-                std::task::Poll::Pending
-            }
-        }
-    })
-    .await;
-    live.read_waker.borrow_mut().take();
-    output
+    CloseReason::new(1000, "heartbeat timeout")
 }
 
 /// Why the handshake produced nothing to go on with.
@@ -287,12 +264,12 @@ pub(super) async fn admit(
     let live = Rc::new(LiveConnection {
         connection_id,
         queue: OutboundQueue::new(framing, shard.limits.send_queue_frames_max),
-        identity: Rc::new(identity),
+        identity,
         connected_at_ms: now_ms,
         push_binary: Cell::new(framing == Framing::Tcp),
         last_active_ms: Cell::new(now_ms),
         heartbeat_expired: Cell::new(false),
-        read_waker: std::cell::RefCell::new(None),
+        reader_in_flight: Cell::new(0),
     });
     // Entered before the route exists, so no push addressed to the new route can miss it.
     shard.insert_connection(Rc::clone(&live));
@@ -307,54 +284,105 @@ pub(super) async fn admit(
 }
 
 impl Admitted {
-    /// Starts the writer task: from now on queued frames (pushes that arrived during the
-    /// handshake first) go to the socket.
-    pub(super) fn start(
-        self,
-        shard: &Rc<Shard>,
-        write_half: OwnedWriteHalf<TcpStream>,
-    ) -> Registered {
-        let writer = monoio::spawn(writer::run(
-            Rc::clone(shard),
-            self.live.queue.clone(),
-            write_half,
-        ));
-        Registered {
-            live: self.live,
-            writer,
-            _slot: self.slot,
-        }
-    }
-
-    /// Gives up before the writer started (the handshake answer could not be written).
+    /// Gives up before anything was written after the handshake (its answer could not be
+    /// written).
     pub(super) fn abandon(self, shard: &Shard) {
         shard.remove_connection(self.live.connection_id);
         shard.redis.disconnect(self.live.route_entry());
     }
-}
 
-/// A connection in the shard's table, its writer task draining the queue to the socket.
-pub(super) struct Registered {
-    pub(super) live: Rc<LiveConnection>,
-    writer: monoio::task::JoinHandle<()>,
-    _slot: ConnectionSlot,
-}
-
-impl Registered {
-    /// Sends the close (a close frame on WebSocket; TCP just ends), waits for the writer to
-    /// finish, leaves the shard's tables, removes the route and frees the slot. `reader`
-    /// goes first so the socket closes as soon as the writer lets go of it.
-    pub(super) async fn close<R>(self, shard: &Shard, reason: CloseReason, reader: R) {
-        // Every close of an admitted connection, by its reason (a bounded set of static
-        // strings): the one place that says why connections went away.
-        metrics::counter!("chatify_gateway_closes_total", "reason" => reason.reason).increment(1);
-        // A slow reader's pending frames are dropped so the close goes out at once.
-        let slow = reason.reason == "slow consumer";
-        self.live.queue.close_with(reason.code, reason.reason, slow);
-        drop(reader);
-        self.writer.await;
-        shard.remove_connection(self.live.connection_id);
-        shard.redis.disconnect(self.live.route_entry());
+    /// The admitted connection's whole life in its one task (there is no writer task): the
+    /// read side (one [`read_step`] always in flight, which holds no buffer while it waits)
+    /// and the write side ([`WriteSide`]: a write only while frames are queued) are polled
+    /// together, so neither waits for the other and an idle connection's task is only that
+    /// pending zero-length read. `on_bytes` decodes and handles every whole frame of what
+    /// was read (`Err` closes the connection with that reason); `held` is what the client
+    /// sent after the handshake. Then the close (a close frame on WebSocket; TCP just ends)
+    /// goes out after what is queued, and the connection leaves the shard's tables, its
+    /// route is removed and its slot freed.
+    /// Not an `async fn` (see `ws_conn::serve`): the future uses what it captures in place.
+    pub(super) fn run(
+        self,
+        shard: Rc<Shard>,
+        reader: OwnedReadHalf<TcpStream>,
+        sink: OwnedWriteHalf<TcpStream>,
+        mut held: Option<BytesMut>,
+        mut on_bytes: impl FnMut(&mut BytesMut) -> Result<(), CloseReason>,
+    ) -> impl Future<Output = ()> {
+        let mut writes = WriteSide::new(sink);
+        let mut reader = Some(reader);
+        async move {
+            let shard = &*shard;
+            let live = &self.live;
+            let queue = &live.queue;
+            let mut reading = std::pin::pin!(None);
+            let close = loop {
+                if let Some(buffer) = held.as_mut()
+                    && let Err(close) = on_bytes(buffer)
+                {
+                    break close;
+                }
+                release_read_buffer(shard, &mut held);
+                if queue.is_finished() {
+                    break CloseReason::new(1000, "write side closed");
+                }
+                if let Some(reader) = reader.take() {
+                    reading.set(Some(read_step(shard, reader, held.take())));
+                }
+                // No timer per connection: the shard's sweep sets `heartbeat_expired` and
+                // wakes the task through the queue's waker.
+                let read = std::future::poll_fn(|cx| {
+                    if live.heartbeat_expired.get() {
+                        return Poll::Ready(None);
+                    }
+                    writes.poll(cx, shard, queue);
+                    let step = reading
+                        .as_mut()
+                        .as_pin_mut()
+                        .expect("a read is always in flight here");
+                    step.poll(cx).map(Some)
+                })
+                .await;
+                // On expiry the pending read is dropped (cancelled) with its buffer, if any.
+                let Some((returned, buffer)) = read else {
+                    break heartbeat_timed_out();
+                };
+                reading.set(None);
+                reader = Some(returned);
+                if buffer.is_none() {
+                    break CloseReason::new(1000, "peer gone");
+                }
+                held = buffer;
+                live.last_active_ms.set(unix_now_ms());
+            };
+            // The read side goes first, so the socket closes as soon as the write side is
+            // done.
+            reading.set(None);
+            reader = None;
+            if let Some(buffer) = held.take() {
+                shard.buffers.give(buffer);
+            }
+            // Every close of an admitted connection, by its reason (a bounded set of static
+            // strings): the one place that says why connections went away.
+            metrics::counter!("chatify_gateway_closes_total", "reason" => close.reason)
+                .increment(1);
+            // A slow reader's pending frames are dropped so the close goes out at once.
+            let slow = close.reason == "slow consumer";
+            queue.close_with(close.code, close.reason, slow);
+            std::future::poll_fn(|cx| {
+                writes.poll(cx, shard, queue);
+                if queue.is_finished() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            drop(reader);
+            shard.remove_connection(live.connection_id);
+            shard.redis.disconnect(live.route_entry());
+            drop(self.slot);
+        }
     }
 }
 

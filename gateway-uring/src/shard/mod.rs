@@ -154,9 +154,11 @@ pub struct ShardCluster {
 #[derive(Debug)]
 pub(crate) struct LiveConnection {
     pub(crate) connection_id: u64,
+    /// Frames waiting for the connection's task to write them.
     pub(crate) queue: OutboundQueue,
-    /// Shared with the connection's frame handling (one copy per connection).
-    pub(crate) identity: Rc<Identity>,
+    /// Who the token said the client is (reached by the connection's frame handling
+    /// through this entry: one copy per connection).
+    pub(crate) identity: Identity,
     pub(crate) connected_at_ms: u64,
     /// Pushes go out in the wire format of the last data frame the client sent (protobuf
     /// for TCP and binary WebSocket frames, JSON for text frames).
@@ -165,19 +167,18 @@ pub(crate) struct LiveConnection {
     /// refresh, never per frame, and read by the heartbeat sweep.
     pub(crate) last_active_ms: Cell<u64>,
     /// Set by the shard's heartbeat sweep when the client was silent for the heartbeat
-    /// timeout; the connection's read then ends with `heartbeat timeout`.
+    /// timeout; the connection's task then closes it with `heartbeat timeout` (the sweep
+    /// wakes the task through the outbound queue's waker, which is the task's).
     pub(crate) heartbeat_expired: Cell<bool>,
-    /// The connection task's waker while it waits for bytes, so the sweep can end the wait.
-    pub(crate) read_waker: RefCell<Option<std::task::Waker>>,
+    /// Reader requests (`sync`, `read`, `recall`) of this connection not answered yet.
+    pub(crate) reader_in_flight: Cell<u32>,
 }
 
 impl LiveConnection {
     /// The heartbeat sweep found the client silent for too long: end its read.
     fn expire_heartbeat(&self) {
         self.heartbeat_expired.set(true);
-        if let Some(waker) = self.read_waker.borrow_mut().take() {
-            waker.wake();
-        }
+        self.queue.wake();
     }
 
     pub(crate) fn route_entry(&self) -> RouteEntry {
@@ -225,11 +226,16 @@ impl Shard {
 
     /// Enters a connection in the shard's tables (pushes can reach it from now on).
     pub(crate) fn insert_connection(&self, live: Rc<LiveConnection>) {
-        self.users
-            .borrow_mut()
-            .entry(live.identity.user_id.clone())
-            .or_default()
-            .push(live.connection_id);
+        match self.users.borrow_mut().entry(live.identity.user_id.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut ids) => {
+                ids.get_mut().push(live.connection_id);
+            }
+            // Most users have one device online: room for exactly one id (a `Vec`'s first
+            // push would make room for four).
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(vec![live.connection_id]);
+            }
+        }
         self.connections
             .borrow_mut()
             .insert(live.connection_id, live);
@@ -385,15 +391,12 @@ async fn run_shard(
     drop(tcp_accept);
     drop(refresher);
     drop(heartbeats);
-    let queues: Vec<OutboundQueue> = shard
-        .connections
-        .borrow()
-        .values()
-        .map(|live| live.queue.clone())
-        .collect();
-    for queue in &queues {
-        queue.close(1001, "server shutting down");
+    let connections: Vec<Rc<LiveConnection>> =
+        shard.connections.borrow().values().cloned().collect();
+    for live in &connections {
+        live.queue.close(1001, "server shutting down");
     }
+    drop(connections);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !shard.connections.borrow().is_empty() && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -494,5 +497,34 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, trans
                 monoio::spawn(tcp_conn::serve(shard, stream));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Size of the future a two-argument function returns, without calling it.
+    fn future_bytes<A, B, F: std::future::Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// What every idle connection holds besides the kernel's socket: its task (one
+    /// allocation: monoio's task header and this future) and its entry in the shard's table.
+    /// A regression here costs every connection, so the sizes are bounded (measured on the
+    /// test build; BENCHMARKS.md "Idle connections" has the release figures).
+    #[test]
+    fn connection_task_sizes() {
+        let ws = future_bytes(ws_conn::serve);
+        let tcp = future_bytes(tcp_conn::serve);
+        let entry = std::mem::size_of::<LiveConnection>();
+        eprintln!(
+            "bytes: ws_conn::serve future {ws}, tcp_conn::serve future {tcp}, LiveConnection {entry}"
+        );
+        // 568, 560 and 208 B when these budgets were set (reader + writer tasks were 1,088 +
+        // 136 + 160 B of allocations before, the entry and its queue two allocations).
+        assert!(ws <= 640, "ws_conn::serve future is {ws} B");
+        assert!(tcp <= 640, "tcp_conn::serve future is {tcp} B");
+        assert!(entry <= 256, "LiveConnection is {entry} B");
     }
 }

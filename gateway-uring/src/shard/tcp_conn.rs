@@ -2,6 +2,7 @@
 //! frame must be `auth` within the handshake deadline. There are no close codes on plain
 //! TCP, so every refusal is an `error` frame followed by closing the socket.
 
+use std::future::Future;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -9,12 +10,12 @@ use chatify_proto::Message as _;
 use chatify_proto::client::v1::{
     AuthOk, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame,
 };
-use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
+use monoio::io::{AsyncWriteRentExt as _, OwnedReadHalf, OwnedWriteHalf, Splitable as _};
 use monoio::net::TcpStream;
 
 use super::Shard;
 use super::connection::{CloseReason, Connection};
-use super::lifecycle::{self, Admitted, HandshakeFailure, ReadEnd};
+use super::lifecycle::{self, Admitted, HandshakeFailure};
 use super::writer::Framing;
 use crate::conn::tcp::{LengthDecoder, length_prefix};
 use crate::handler::Transport;
@@ -38,20 +39,25 @@ fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
 }
 
 /// The connection's task, sized for the frame loop: the authentication's larger futures are
-/// boxed and freed once the connection is admitted (see `ws_conn::serve`).
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
-    let mut held = None;
-    let admitted = Box::pin(authenticate(&shard, &mut stream, &mut held)).await;
-    // Bytes after the auth frame are kept for the frame loop; an emptied buffer goes back.
-    lifecycle::release_read_buffer(&shard, &mut held);
-    let Some(admitted) = admitted else {
-        if let Some(buffer) = held.take() {
-            shard.buffers.give(buffer);
-        }
-        return;
-    };
-    let decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
-    run(shard, stream, admitted, held, decoder).await;
+/// boxed and freed once the connection is admitted, and the stream is boxed until it is
+/// split (see `ws_conn::serve`).
+pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
+    let mut stream = Box::new(stream);
+    async move {
+        let mut held = None;
+        let admitted = Box::pin(authenticate(&shard, &mut stream, &mut held)).await;
+        // Bytes after the auth frame are kept for the frame loop; an emptied buffer goes back.
+        lifecycle::release_read_buffer(&shard, &mut held);
+        let Some(admitted) = admitted else {
+            if let Some(buffer) = held.take() {
+                shard.buffers.give(buffer);
+            }
+            return;
+        };
+        let decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
+        let (reader, sink) = (*stream).into_split();
+        run(shard, reader, sink, admitted, held, decoder).await;
+    }
 }
 
 /// Claims a slot, reads the `auth` frame, verifies and admits the connection and answers
@@ -134,63 +140,41 @@ async fn authenticate(
     Some(admitted)
 }
 
-/// The frame loop; like the WebSocket one, it holds a read buffer only while bytes are in
-/// hand (see `ws_conn::run`).
-async fn run(
+/// The frame loop: the connection's task from admission to close (see [`Admitted::run`]),
+/// with what TCP adds: the length prefix and an `error` frame before each refusal.
+fn run(
     shard: Rc<Shard>,
-    stream: TcpStream,
+    reader: OwnedReadHalf<TcpStream>,
+    sink: OwnedWriteHalf<TcpStream>,
     admitted: Admitted,
-    mut held: Option<BytesMut>,
+    held: Option<BytesMut>,
     mut decoder: LengthDecoder,
-) {
-    let (mut reader, write_half) = stream.into_split();
-    let registered = admitted.start(&shard, write_half);
-    let mut connection = Connection::new(Rc::clone(&registered.live), Transport::Tcp);
-    let mut close = None;
-
-    while close.is_none() {
-        while let Some(buffer) = held.as_mut() {
+) -> impl Future<Output = ()> {
+    let mut connection = Connection::new(Rc::clone(&admitted.live), Transport::Tcp);
+    let frames_shard = Rc::clone(&shard);
+    let on_bytes = move |buffer: &mut BytesMut| {
+        loop {
             let payload = match decoder.decode(buffer) {
                 Ok(Some(payload)) => payload,
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Err(error) => {
                     let _ = connection.reply(tcp_error(ErrorCode::TooLarge, error.reason()));
-                    close = Some(CloseReason::new(1009, "frame too large"));
-                    break;
+                    return Err(CloseReason::new(1009, "frame too large"));
                 }
             };
-            let outcome = match ClientFrame::decode(payload) {
+            match ClientFrame::decode(payload) {
                 Ok(ClientFrame { frame: Some(frame) }) => {
-                    connection.on_frame(&shard, Transport::Tcp, frame)
+                    connection.on_frame(&frames_shard, Transport::Tcp, frame)?;
                 }
                 _ => {
                     let _ = connection
                         .reply(tcp_error(ErrorCode::BadRequest, "invalid protobuf frame"));
-                    Err(CloseReason::new(1007, "invalid protobuf frame"))
+                    return Err(CloseReason::new(1007, "invalid protobuf frame"));
                 }
-            };
-            if let Err(reason) = outcome {
-                close = Some(reason);
-                break;
             }
         }
-        lifecycle::release_read_buffer(&shard, &mut held);
-        if close.is_some() || connection.queue.is_finished() {
-            break;
-        }
-        if lifecycle::read_or_heartbeat_timeout(&shard, &registered.live, &mut reader, &mut held)
-            .await
-            != ReadEnd::Data
-        {
-            break;
-        }
-        connection.touch(chatify_core::routing::unix_now_ms());
-    }
-    if let Some(buffer) = held.take() {
-        shard.buffers.give(buffer);
-    }
-    let reason = close.unwrap_or(CloseReason::new(1000, "closing"));
-    registered.close(&shard, reason, reader).await;
+    };
+    admitted.run(shard, reader, sink, held, on_bytes)
 }
 
 fn tcp_error(code: ErrorCode, reason: &str) -> server_frame::Frame {

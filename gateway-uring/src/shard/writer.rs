@@ -1,16 +1,17 @@
 //! The outbound side of a connection (shard-local): a bounded queue of pre-encoded frames
-//! and the writer task that drains it with one coalesced write per wake-up. A payload
-//! pushed to many connections is one shared `Bytes`; each connection copies it once into
-//! a write buffer alongside its small frame header. The write buffer is borrowed from the
-//! shard's pool when frames are queued and returned after the write, and the queue frees
-//! its storage when it drains: an idle connection's outbound side is the queue's fixed
-//! state and the parked writer task, no buffer.
+//! and the write side that the connection's own task drives, one coalesced write per
+//! wake-up (there is no writer task). A payload pushed to many connections is one shared
+//! `Bytes`; each connection copies it once into a write buffer alongside its small frame
+//! header. The write buffer is borrowed from the shard's pool when frames are queued and
+//! returned after the write, and the queue frees its storage when it drains: an idle
+//! connection's outbound side is the queue's fixed state and the write half, no buffer and
+//! no task.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
-use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt as _;
@@ -53,14 +54,15 @@ struct State {
     waker: Option<Waker>,
 }
 
-/// Handle to a connection's outbound queue. Shard-local (`Rc`), cloned into the connection
-/// table so other tasks of the shard can push to it.
-#[derive(Debug, Clone)]
-pub struct OutboundQueue(Rc<RefCell<State>>);
+/// A connection's outbound queue. Shard-local; part of the connection's entry in the
+/// shard's table (one allocation for both), so every task of the shard holding the entry
+/// can push to it.
+#[derive(Debug)]
+pub struct OutboundQueue(RefCell<State>);
 
 impl OutboundQueue {
     pub fn new(framing: Framing, frames_max: usize) -> Self {
-        Self(Rc::new(RefCell::new(State {
+        Self(RefCell::new(State {
             framing,
             // Allocated by the first push, freed when drained (see `fill`).
             frames: VecDeque::new(),
@@ -68,7 +70,7 @@ impl OutboundQueue {
             close: None,
             finished: false,
             waker: None,
-        })))
+        }))
     }
 
     /// Queues a data frame (JSON text, protobuf binary, or a TCP frame).
@@ -129,22 +131,29 @@ impl OutboundQueue {
         self.0.borrow().finished
     }
 
-    /// Waits until there is something to write: queued frames or a close.
-    async fn work(&self) {
-        poll_fn(|cx| {
-            let mut state = self.0.borrow_mut();
-            if state.frames.is_empty() && state.close.is_none() {
-                state.waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            Poll::Ready(())
-        })
-        .await;
+    /// Whether the writer has something to do: queued frames or a close not yet written.
+    pub(super) fn has_work(&self) -> bool {
+        let state = self.0.borrow();
+        !state.finished && (!state.frames.is_empty() || state.close.is_some())
+    }
+
+    /// Remembers the connection task's waker: a push, a close or the heartbeat sweep
+    /// ([`Self::wake`]) wakes it.
+    pub(super) fn register(&self, waker: &Waker) {
+        let mut state = self.0.borrow_mut();
+        if !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            state.waker = Some(waker.clone());
+        }
+    }
+
+    /// Wakes the connection task (see [`Self::register`]).
+    pub(super) fn wake(&self) {
+        wake(&mut self.0.borrow_mut());
     }
 
     /// Moves queued frames (and a pending close) into `out`. Returns true when the
     /// connection must close after this write.
-    fn fill(&self, out: &mut BytesMut) -> bool {
+    pub(super) fn fill(&self, out: &mut BytesMut) -> bool {
         let mut state = self.0.borrow_mut();
         while out.len() < WRITE_BATCH_BYTES_MAX {
             let Some(frame) = state.frames.pop_front() else {
@@ -179,7 +188,7 @@ impl OutboundQueue {
         }
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         let mut state = self.0.borrow_mut();
         state.finished = true;
         state.frames = VecDeque::new();
@@ -192,34 +201,89 @@ fn wake(state: &mut State) {
     }
 }
 
-/// Drains the queue into the socket until a close is written or the socket breaks. The
-/// write buffer comes from the shard's pool for each write and goes back after it.
-pub(super) async fn run<W: monoio::io::AsyncWriteRent>(
-    shard: Rc<Shard>,
-    queue: OutboundQueue,
-    mut sink: W,
-) {
-    loop {
-        queue.work().await;
-        let mut buffer = shard.buffers.take();
-        let closing = queue.fill(&mut buffer);
-        if !buffer.is_empty() {
-            // Boxed: the write's future is only alive during a write, and inline it would
-            // size the task an idle connection keeps for its whole life. One small
-            // allocation per coalesced write.
-            let (result, written) = Box::pin(sink.write_all(buffer)).await;
-            shard.buffers.give(written);
-            if let Err(error) = result {
-                tracing::debug!(%error, "write failed");
-                break;
-            }
-        } else {
-            shard.buffers.give(buffer);
-        }
-        if closing {
-            let _ = sink.shutdown().await;
-            break;
+/// A write in flight: it owns the write half and hands it back with the buffer.
+type WriteInFlight<W> = Pin<Box<dyn Future<Output = (W, std::io::Result<()>, BytesMut)>>>;
+
+/// The write side of a connection, driven by the connection's own task (there is no
+/// writer task): idle, it holds only the write half; with frames queued it borrows a pooled
+/// buffer, fills it with everything queued and writes it in one boxed write (alive only
+/// while bytes are in flight: inline it would size the task an idle connection keeps for
+/// its whole life), then the buffer goes back. A written close or a failed write finishes
+/// the queue (later pushes are dropped).
+pub(super) struct WriteSide<W> {
+    /// The write half while no write is in flight; `None` during a write and once finished.
+    sink: Option<W>,
+    in_flight: Option<WriteInFlight<W>>,
+    /// The write in flight carries the close: the queue finishes when it completes.
+    closing: bool,
+}
+
+impl<W> std::fmt::Debug for WriteSide<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteSide")
+            .field("writing", &self.in_flight.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: monoio::io::AsyncWriteRent + 'static> WriteSide<W> {
+    pub(super) fn new(sink: W) -> Self {
+        Self {
+            sink: Some(sink),
+            in_flight: None,
+            closing: false,
         }
     }
-    queue.finish();
+
+    /// Makes progress: finishes the write in flight, starts the next one while frames are
+    /// queued. Never completes: the queue says when the writer is done
+    /// ([`OutboundQueue::is_finished`]). The task is woken by the write's completion and by
+    /// the queue (a push, a close, the heartbeat sweep).
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, shard: &Shard, queue: &OutboundQueue) {
+        // Always, also while a write is in flight: the heartbeat sweep wakes the task
+        // through the queue.
+        queue.register(cx.waker());
+        loop {
+            if let Some(write) = self.in_flight.as_mut() {
+                let Poll::Ready((sink, result, buffer)) = write.as_mut().poll(cx) else {
+                    return;
+                };
+                self.in_flight = None;
+                shard.buffers.give(buffer);
+                match result {
+                    Ok(()) if !self.closing => self.sink = Some(sink),
+                    Ok(()) => queue.finish(),
+                    Err(error) => {
+                        tracing::debug!(%error, "write failed");
+                        queue.finish();
+                    }
+                }
+            }
+            let Some(sink) = self.sink.take_if(|_| queue.has_work()) else {
+                return;
+            };
+            let mut buffer = shard.buffers.take();
+            self.closing = queue.fill(&mut buffer);
+            self.in_flight = Some(Box::pin(write(sink, buffer, self.closing)));
+        }
+    }
+}
+
+/// One coalesced write (skipped when `buffer` is empty), then, after a written close, the
+/// write side is shut down.
+async fn write<W: monoio::io::AsyncWriteRent>(
+    mut sink: W,
+    buffer: BytesMut,
+    closing: bool,
+) -> (W, std::io::Result<()>, BytesMut) {
+    let (result, buffer) = if buffer.is_empty() {
+        (Ok(()), buffer)
+    } else {
+        let (result, buffer) = sink.write_all(buffer).await;
+        (result.map(drop), buffer)
+    };
+    if closing && result.is_ok() {
+        let _ = sink.shutdown().await;
+    }
+    (sink, result, buffer)
 }

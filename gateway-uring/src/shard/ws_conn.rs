@@ -1,35 +1,43 @@
 //! A WebSocket connection from accept to close (shard-local): upgrade request under the
-//! handshake deadline, authentication (401 before the upgrade), then the read loop that
-//! decodes frames in place and the writer task that owns the write half.
+//! handshake deadline, authentication (401 before the upgrade), then the frame loop that
+//! decodes frames in place (the connection's one task also writes: see
+//! `lifecycle::Admitted::run`).
 
+use std::future::Future;
 use std::rc::Rc;
 
 use bytes::{Buf as _, BytesMut};
 use chatify_proto::Message as _;
 use chatify_proto::client::v1::ClientFrame;
-use monoio::io::{AsyncWriteRentExt as _, Splitable as _};
+use monoio::io::{AsyncWriteRentExt as _, OwnedReadHalf, OwnedWriteHalf, Splitable as _};
 use monoio::net::TcpStream;
 
 use super::connection::{CloseReason, Connection};
-use super::lifecycle::{self, Admitted, HandshakeFailure, ReadEnd};
+use super::lifecycle::{self, Admitted, HandshakeFailure};
 use super::writer::Framing;
 use super::{ConnectionSlot, Shard};
 use crate::auth::AuthError;
 use crate::conn::ws::{self, HttpErrorStatus};
 use crate::handler::Transport;
-use chatify_core::routing::unix_now_ms;
 
 /// The try-it page served at `/` (plain HTML + JS, no build step).
 const TRY_IT_PAGE: &str = include_str!("../../static/index.html");
 
 /// The connection's task. Its allocation lives as long as the connection, so it is sized
 /// for the frame loop: the handshake's larger futures (HTTP parsing, the Redis admission,
-/// the answers) are boxed and freed once the connection is admitted.
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
-    let Some((admitted, held)) = Box::pin(accept(&shard, &mut stream)).await else {
-        return;
-    };
-    run(shard, stream, admitted, held).await;
+/// the answers) are boxed and freed once the connection is admitted. Not an `async fn`:
+/// a future keeps room for its captures (an `async fn` also for a second copy of its
+/// arguments) for its whole life, so the stream (80 B with its cached addresses) is boxed
+/// and only its two halves (a pointer each) are kept after the handshake.
+pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
+    let mut stream = Box::new(stream);
+    async move {
+        let Some((admitted, held)) = Box::pin(accept(&shard, &mut stream)).await else {
+            return;
+        };
+        let (reader, sink) = (*stream).into_split();
+        run(shard, reader, sink, admitted, held).await;
+    }
 }
 
 /// Claims a slot, then reads and answers the upgrade request; `None` when the connection
@@ -153,79 +161,69 @@ fn error_text(error: AuthError) -> &'static str {
     }
 }
 
-/// The frame loop. Nothing here holds a buffer while the connection is idle: `held` is
-/// `Some` only from a read until its frames are decoded, or while a frame spans reads.
-async fn run(shard: Rc<Shard>, stream: TcpStream, admitted: Admitted, mut held: Option<BytesMut>) {
-    let (mut reader, write_half) = stream.into_split();
-    let registered = admitted.start(&shard, write_half);
-    let mut connection = Connection::new(Rc::clone(&registered.live), Transport::WebSocketText);
+/// The frame loop: the connection's task from admission to close (see [`Admitted::run`]),
+/// with what WebSocket adds: the frame decoder and what each message means.
+fn run(
+    shard: Rc<Shard>,
+    reader: OwnedReadHalf<TcpStream>,
+    sink: OwnedWriteHalf<TcpStream>,
+    admitted: Admitted,
+    held: Option<BytesMut>,
+) -> impl Future<Output = ()> {
+    let mut connection = Connection::new(Rc::clone(&admitted.live), Transport::WebSocketText);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
-
-    let close = 'connection: loop {
-        // Every complete message already read, in order.
-        while let Some(buffer) = held.as_mut() {
-            let message = match decoder.decode(buffer) {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(error) => {
-                    metrics::counter!("chatify_gateway_refusals_total", "reason" => "ws_protocol")
-                        .increment(1);
-                    break 'connection CloseReason::new(error.close_code(), error.reason());
-                }
-            };
-            let outcome = match message {
-                ws::Message::Text(payload) => {
-                    // simd-json parses in place: in the shard's scratch copy of the payload.
-                    let frame = shard.buffers.with_json_scratch(
-                        &payload,
-                        chatify_proto::json::decode_client_frame_in_place,
-                    );
-                    match frame {
-                        Ok(frame) => connection.on_frame(&shard, Transport::WebSocketText, frame),
-                        Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
-                    }
-                }
-                ws::Message::Binary(payload) => match ClientFrame::decode(payload) {
-                    Ok(ClientFrame { frame: Some(frame) }) => {
-                        connection.on_frame(&shard, Transport::WebSocketBinary, frame)
-                    }
-                    Ok(ClientFrame { frame: None }) => {
-                        Err(CloseReason::new(1007, "empty protobuf frame"))
-                    }
-                    Err(_) => Err(CloseReason::new(1007, "invalid protobuf frame")),
-                },
-                ws::Message::Ping(payload) => {
-                    connection.queue.push_control(ws::Opcode::Pong, payload);
-                    Ok(())
-                }
-                ws::Message::Pong(_) => Ok(()),
-                // Echo the client's status code (the decoder accepted only valid ones).
-                ws::Message::Close(Some((code, _))) => Err(CloseReason::new(code, "closing")),
-                ws::Message::Close(None) => Err(CloseReason::new(1000, "closing")),
-            };
-            if let Err(close) = outcome {
+    let frames_shard = Rc::clone(&shard);
+    let on_bytes = move |buffer: &mut BytesMut| {
+        // Every complete message read so far, in order.
+        while let Some(message) = decoder.decode(buffer).map_err(|error| {
+            metrics::counter!("chatify_gateway_refusals_total", "reason" => "ws_protocol")
+                .increment(1);
+            CloseReason::new(error.close_code(), error.reason())
+        })? {
+            on_message(&frames_shard, &mut connection, message).inspect_err(|close| {
                 if close.code == 1007 {
                     metrics::counter!("chatify_gateway_refusals_total", "reason" => "invalid_frame")
                         .increment(1);
                 }
-                break 'connection close;
+            })?;
+        }
+        Ok(())
+    };
+    admitted.run(shard, reader, sink, held, on_bytes)
+}
+
+/// One decoded message; `Err` closes the connection with that reason.
+fn on_message(
+    shard: &Shard,
+    connection: &mut Connection,
+    message: ws::Message,
+) -> Result<(), CloseReason> {
+    match message {
+        ws::Message::Text(payload) => {
+            // simd-json parses in place: in the shard's scratch copy of the payload.
+            let frame = shard
+                .buffers
+                .with_json_scratch(&payload, chatify_proto::json::decode_client_frame_in_place);
+            match frame {
+                Ok(frame) => connection.on_frame(shard, Transport::WebSocketText, frame),
+                Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
             }
         }
-        lifecycle::release_read_buffer(&shard, &mut held);
-        if connection.queue.is_finished() {
-            break CloseReason::new(1000, "write side closed");
+        ws::Message::Binary(payload) => match ClientFrame::decode(payload) {
+            Ok(ClientFrame { frame: Some(frame) }) => {
+                connection.on_frame(shard, Transport::WebSocketBinary, frame)
+            }
+            Ok(ClientFrame { frame: None }) => Err(CloseReason::new(1007, "empty protobuf frame")),
+            Err(_) => Err(CloseReason::new(1007, "invalid protobuf frame")),
+        },
+        ws::Message::Ping(payload) => {
+            connection.queue().push_control(ws::Opcode::Pong, payload);
+            Ok(())
         }
-        match lifecycle::read_or_heartbeat_timeout(&shard, &registered.live, &mut reader, &mut held)
-            .await
-        {
-            ReadEnd::Data => connection.touch(unix_now_ms()),
-            ReadEnd::TimedOut => break CloseReason::new(1000, "heartbeat timeout"),
-            ReadEnd::Closed => break CloseReason::new(1000, "peer gone"),
-        }
-    };
-    if let Some(buffer) = held.take() {
-        shard.buffers.give(buffer);
+        ws::Message::Pong(_) => Ok(()),
+        // Echo the client's status code (the decoder accepted only valid ones).
+        ws::Message::Close(Some((code, _))) => Err(CloseReason::new(code, "closing")),
+        ws::Message::Close(None) => Err(CloseReason::new(1000, "closing")),
     }
-    registered.close(&shard, close, reader).await;
 }
