@@ -54,6 +54,15 @@ fn message_id_arg(text: &str) -> Result<MessageId, ReaderError> {
         .map_err(|_| ReaderError::InvalidArgument(format!("message_id {text:?} is not a uuid")))
 }
 
+/// Whether a MarkMessageRead of `requested` sends a read receipt, given the cursor
+/// `read_seq` after it: when the cursor stands where this call put it — moved now, or a
+/// repeat of the call that moved it, whose receipt may have failed to publish (receipts are
+/// idempotent: "read up to seq"). A mark below the cursor announces nothing; of two
+/// concurrent marks, only the higher one does.
+fn announces_read(requested: u64, read_seq: u64) -> bool {
+    requested > 0 && requested == read_seq
+}
+
 fn limit_arg(limit: u32) -> Result<usize, ReaderError> {
     match limit as usize {
         0 => Ok(QUERY_LIMIT_DEFAULT),
@@ -404,10 +413,15 @@ impl Storage {
         let before = store::user_state(&self.postgres, &mut redis, caller, &session)
             .await?
             .read_seq;
+        // Burn timers first (idempotent: only timers not yet started), so a call that fails
+        // after them and is retried finds them started, and one that fails before them has
+        // not moved the cursor yet.
+        if request.seq > before {
+            store::start_burn_timers(&self.postgres, &session, caller, before, request.seq).await?;
+        }
         let read_seq =
             store::mark_read(&self.postgres, &mut redis, caller, &session, request.seq).await?;
-        if read_seq > before {
-            store::start_burn_timers(&self.postgres, &session, caller, before, read_seq).await?;
+        if announces_read(request.seq, read_seq) {
             // A receipt to the other members (and the reader's other devices).
             let members = notify::members(&self.postgres, &session).await?;
             let users: Vec<&str> = members.iter().map(String::as_str).collect();
@@ -646,5 +660,15 @@ mod tests {
         assert!(cursor_arg("x").is_err());
         assert!(session_arg("room:1").is_err());
         assert!(message_id_arg("nope").is_err());
+    }
+
+    #[test]
+    fn a_read_is_announced_by_the_mark_that_set_the_cursor_and_by_its_retries() {
+        // Moved 3 -> 5 now, or a retry of that mark after its receipt failed: announced.
+        assert!(announces_read(5, 5));
+        // Below the cursor (an older device, or the lower of two concurrent marks): not.
+        assert!(!announces_read(4, 5));
+        // Nothing read yet.
+        assert!(!announces_read(0, 0));
     }
 }

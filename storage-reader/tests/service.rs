@@ -2262,6 +2262,14 @@ async fn kafka_down_under_the_reader_fails_the_commands_that_publish_with_unavai
         .expect_err("kafka down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("kafka"), "{status:?}");
+    // The cursor moved before the receipt failed; the client's retry still owes the other
+    // members that receipt, so it tries to publish again (and fails again) instead of
+    // answering OK with no receipt ever sent.
+    let status = world
+        .mark_read(&bob, &chat.to_string(), 2)
+        .await
+        .expect_err("the retry publishes the receipt, and kafka is still down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     // A recall announces itself.
     let (message_id,): (uuid::Uuid,) =
         sqlx::query_as("SELECT message_id FROM messages WHERE session_id = $1 AND seq = 1")
