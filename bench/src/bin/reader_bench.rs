@@ -607,6 +607,18 @@ enum Caller {
     },
 }
 
+/// A tonic request carrying the caller's bearer token.
+fn authorized<T>(
+    message: T,
+    bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.clone());
+    request
+}
+
 impl Caller {
     async fn query_messages(
         &self,
@@ -616,11 +628,10 @@ impl Caller {
             Self::H2(caller) => caller.unary(QUERY_MESSAGES_PATH, &request).await,
             Self::Tonic { channel, bearer } => {
                 let mut client = StorageServiceClient::new(channel.clone());
-                let mut request = tonic::Request::new(request);
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(client.query_messages(request).await?.into_inner())
+                Ok(client
+                    .query_messages(authorized(request, bearer))
+                    .await?
+                    .into_inner())
             }
         }
     }
@@ -633,11 +644,10 @@ impl Caller {
             Self::H2(caller) => caller.unary(LIST_SESSIONS_PATH, &request).await,
             Self::Tonic { channel, bearer } => {
                 let mut client = StorageServiceClient::new(channel.clone());
-                let mut request = tonic::Request::new(request);
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(client.list_sessions(request).await?.into_inner())
+                Ok(client
+                    .list_sessions(authorized(request, bearer))
+                    .await?
+                    .into_inner())
             }
         }
     }
