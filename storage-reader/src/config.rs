@@ -60,6 +60,22 @@ pub struct Config {
         default_value_t = 86_400
     )]
     pub marks_ttl_seconds: u64,
+    /// Most Redis connections the cache-hit page read holds at once (its own pool,
+    /// `hot_redis`); calls beyond wait for one.
+    #[arg(
+        long,
+        env = "CHATIFY_READER_REDIS_CONNECTIONS",
+        default_value_t = crate::hot_redis::CONNECTIONS_DEFAULT
+    )]
+    pub redis_connections: usize,
+    /// How long a cache-hit page waits for Redis (connecting included) before the call
+    /// fails Unavailable, in ms.
+    #[arg(
+        long,
+        env = "CHATIFY_READER_REDIS_TIMEOUT_MS",
+        default_value_t = crate::hot_redis::TIMEOUT_DEFAULT_MS
+    )]
+    pub redis_timeout_ms: u64,
 }
 
 impl Config {
@@ -90,6 +106,18 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.redis_connections == 0 {
+            return Err(ConfigError::new(
+                "CHATIFY_READER_REDIS_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        if self.redis_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "CHATIFY_READER_REDIS_TIMEOUT_MS",
+                "must be at least 1",
+            ));
+        }
         if self.group_members_max < 2 {
             return Err(ConfigError::new(
                 "CHATIFY_GROUP_MEMBERS_MAX",
@@ -103,6 +131,20 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The cache-hit page read's Redis pool, as configured.
+    pub fn hot_redis(
+        &self,
+        client: &redis::Client,
+    ) -> Result<crate::hot_redis::HotRedis, crate::hot_redis::HotRedisError> {
+        crate::hot_redis::HotRedis::new(
+            client,
+            self.redis_connections,
+            std::time::Duration::from_millis(self.redis_timeout_ms),
+        )
     }
 }
 

@@ -36,6 +36,15 @@ impl From<redis::RedisError> for ReaderError {
     }
 }
 
+impl From<crate::hot_redis::HotRedisError> for ReaderError {
+    fn from(error: crate::hot_redis::HotRedisError) -> Self {
+        Self::Unavailable {
+            store: "redis",
+            reason: error.to_string(),
+        }
+    }
+}
+
 impl From<redis::ParsingError> for ReaderError {
     fn from(error: redis::ParsingError) -> Self {
         Self::Unavailable {

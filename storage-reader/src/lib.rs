@@ -1,7 +1,8 @@
 //! storage-reader: the tonic gRPC service for history queries, get, delete, recall,
 //! mark-read, clear, session lists and group management (SPEC §5). This crate owns the
 //! service: caller identity ([`identity`]), the store reads and per-user writes
-//! ([`store`]), the RPCs ([`service`], [`group`], and [`admin`] for internal callers:
+//! ([`store`]; a cache-hit page's one Redis round trip runs on its own client,
+//! [`hot_redis`]), the RPCs ([`service`], [`group`], and [`admin`] for internal callers:
 //! token revocation and device kicks), the pushes and events they publish ([`notify`]) and
 //! the one error-to-status mapping ([`error`]), plus gRPC reflection and the standard
 //! health service.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod group;
+pub mod hot_redis;
 pub mod identity;
 pub mod notify;
 pub mod service;

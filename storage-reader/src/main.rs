@@ -41,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
         ),
         postgres: stores.postgres.clone(),
         redis: redis.clone(),
+        hot: std::sync::Arc::new(
+            config
+                .hot_redis(&stores.redis)
+                .context("REDIS_URL for the page read")?,
+        ),
         mongo: stores.mongo.collection("messages"),
         notifier: storage_reader::notify::Notifier {
             producer: chatify_core::producer::RenewableProducer::new(

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
 use crate::error::ReaderError;
+use crate::hot_redis::HotRedis;
 use crate::identity::{Gatekeeper, Verified, check_user_field, revoked_error};
 use crate::notify::{self, Notifier};
 use crate::store::{self, SeqPage};
@@ -33,6 +34,9 @@ pub struct Storage {
     pub gatekeeper: Gatekeeper,
     pub postgres: PgPool,
     pub redis: ConnectionManager,
+    /// A cache-hit page's one Redis round trip (the deny-list entry, members, marks and
+    /// window), on the reader's own client: [`crate::hot_redis`].
+    pub hot: std::sync::Arc<HotRedis>,
     pub mongo: mongodb::Collection<mongodb::bson::Document>,
     pub notifier: Notifier,
     /// How long after sending a sender may recall, in ms.
@@ -200,24 +204,14 @@ impl Storage {
         }
         store::add_marks_read(&mut pipe, user, session, page.after, page.before);
         store::add_window_read(&mut pipe, session, page);
-        let mut redis = self.redis.clone();
-        let replies: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
-        let mut replies = replies.into_iter();
-        let mut next = || {
-            replies.next().ok_or_else(|| ReaderError::Unavailable {
-                store: "redis",
-                reason: "pipeline answered too few replies".into(),
-            })
-        };
-        if caller.revocation_key.is_some() {
-            let revoked: bool = redis::from_redis_value(next()?)?;
-            if revoked {
-                return Err(revoked_error());
-            }
+        let mut replies = self.hot.query(&pipe).await?.into_iter();
+        let mut next = || replies.next().ok_or_else(store::too_few_replies);
+        if caller.revocation_key.is_some() && next()?.into_bool()? {
+            return Err(revoked_error());
         }
         let membership = if session.is_group() {
-            let is_member: bool = redis::from_redis_value(next()?)?;
-            let members: u64 = redis::from_redis_value(next()?)?;
+            let is_member = next()?.into_bool()?;
+            let members = next()?.into_u64()?;
             store::cached_membership(session, user, is_member, members)
         } else {
             store::member_by_id(session, user)
@@ -226,16 +220,16 @@ impl Storage {
             Some(known) => known?,
             None => store::require_member(&self.postgres, session, user).await?,
         }
-        let scores: Vec<Option<f64>> = redis::from_redis_value(next()?)?;
-        let members: Vec<String> = redis::from_redis_value(next()?)?;
-        let lowest: store::LowestEntry = redis::from_redis_value(next()?)?;
-        let cached: Vec<Vec<u8>> = redis::from_redis_value(next()?)?;
-        let marks = match store::marks_from(&scores, members) {
+        let scores = next()?.into_optional_numbers()?;
+        let members = next()?.into_bulks()?;
+        let lowest = store::lowest_seq(next()?)?;
+        let cached = next()?.into_bulks()?;
+        let marks = match store::marks_from(&scores, &members) {
             Some(marks) => marks,
             None => {
                 store::rebuild_marks(
                     &self.postgres,
-                    &mut redis,
+                    &mut self.redis.clone(),
                     user,
                     session,
                     (page.after, page.before),
@@ -258,7 +252,7 @@ impl Storage {
             });
         }
         let cached = if clamped.after == page.after {
-            if store::cache_serves(page, &lowest, cached.len()) {
+            if store::cache_serves(page, lowest, cached.len()) {
                 Some(store::index_window(session, cached)?)
             } else {
                 None
@@ -268,13 +262,13 @@ impl Storage {
             // the rest is exactly the window from the watermark.
             let mut window = store::index_window(session, cached)?;
             window.retain(|message| message.seq() > clamped.after);
-            store::cache_serves(clamped, &lowest, window.len()).then_some(window)
+            store::cache_serves(clamped, lowest, window.len()).then_some(window)
         } else {
             return store::seq_page(
                 &self.postgres,
                 &self.mongo,
                 self.archive,
-                &mut redis,
+                &self.hot,
                 &marks.hidden,
                 session,
                 clamped,

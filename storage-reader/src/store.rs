@@ -2,6 +2,7 @@
 //! (`storage-writer/src/cache.rs` for Redis, `migrations/` for Postgres): membership, the
 //! Redis hot cache with Postgres behind it, per-user read and clear state.
 
+use bytes::Bytes;
 use chatify_core::ids::SessionId;
 use chatify_core::keys;
 use chatify_proto::Message as _;
@@ -11,6 +12,7 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use crate::error::ReaderError;
+use crate::hot_redis::{self, HotRedis, Reply};
 
 /// Fails unless `user` is a member of `session` (a group that does not exist is NotFound).
 pub async fn require_member(
@@ -178,9 +180,6 @@ pub struct SeqPage {
     pub limit: usize,
 }
 
-/// `ZRANGE key 0 0 WITHSCORES`: the oldest cached entry and its seq, if any.
-pub type LowestEntry = Vec<(Vec<u8>, f64)>;
-
 /// Where a page came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -269,20 +268,42 @@ pub async fn seq_page(
     postgres: &PgPool,
     mongo: &mongodb::Collection<mongodb::bson::Document>,
     archive: ArchiveStore,
-    redis: &mut ConnectionManager,
+    hot: &HotRedis,
     hidden: &[u64],
     session: &SessionId,
     page: SeqPage,
 ) -> Result<Page, ReaderError> {
     let mut pipe = redis::pipe();
     add_window_read(&mut pipe, session, page);
-    let (lowest, cached): (LowestEntry, Vec<Vec<u8>>) = pipe.query_async(redis).await?;
-    let cached = if cache_serves(page, &lowest, cached.len()) {
+    let mut replies = hot.query(&pipe).await?.into_iter();
+    let (Some(lowest), Some(cached)) = (replies.next(), replies.next()) else {
+        return Err(too_few_replies());
+    };
+    let (lowest, cached) = (lowest_seq(lowest)?, cached.into_bulks()?);
+    let cached = if cache_serves(page, lowest, cached.len()) {
         Some(index_window(session, cached)?)
     } else {
         None
     };
     page_from(postgres, mongo, archive, session, page, hidden, cached).await
+}
+
+/// A pipeline answered fewer replies than it had commands.
+pub fn too_few_replies() -> ReaderError {
+    ReaderError::Unavailable {
+        store: "redis",
+        reason: "pipeline answered too few replies".into(),
+    }
+}
+
+/// The seq of the oldest cached entry from the `ZRANGE key 0 0 WITHSCORES` reply of
+/// [`add_window_read`] (`[member, score]`, or empty when nothing is cached).
+pub fn lowest_seq(reply: Reply) -> Result<Option<u64>, ReaderError> {
+    let pair = reply.into_bulks()?;
+    Ok(match pair.get(1) {
+        Some(score) => Some(hot_redis::number(score)? as u64),
+        None => None,
+    })
 }
 
 /// Adds the two reads that decide whether the hot cache can serve `page` (its oldest entry)
@@ -318,8 +339,8 @@ pub fn add_window_read(pipe: &mut redis::Pipeline, session: &SessionId, page: Se
 
 /// Whether the hot cache holds every seq `page` can reach, given its oldest entry and the
 /// length of the window it returned for `page`.
-pub fn cache_serves(page: SeqPage, lowest: &LowestEntry, window_len: usize) -> bool {
-    let Some(min) = lowest.first().map(|(_, score)| *score as u64) else {
+pub fn cache_serves(page: SeqPage, lowest: Option<u64>, window_len: usize) -> bool {
+    let Some(min) = lowest else {
         return false;
     };
     if page.backward {
@@ -335,7 +356,7 @@ pub fn cache_serves(page: SeqPage, lowest: &LowestEntry, window_len: usize) -> b
 /// `storage-writer/src/cache.rs`), not decoded: a cached page passes them through.
 pub fn index_window(
     session: &SessionId,
-    cached: Vec<Vec<u8>>,
+    cached: Vec<Bytes>,
 ) -> Result<Vec<EncodedChatMessage>, ReaderError> {
     cached
         .into_iter()
@@ -564,7 +585,7 @@ pub fn add_marks_read(
 
 /// The marks from the replies of [`add_marks_read`]; None when the set is not built (Redis
 /// lost it, or never had it): call [`rebuild_marks`].
-pub fn marks_from(scores: &[Option<f64>], members: Vec<String>) -> Option<PageMarks> {
+pub fn marks_from(scores: &[Option<f64>], members: &[Bytes]) -> Option<PageMarks> {
     let (Some(Some(_built)), Some(cleared)) = (scores.first(), scores.get(1)) else {
         return None;
     };
@@ -573,7 +594,7 @@ pub fn marks_from(scores: &[Option<f64>], members: Vec<String>) -> Option<PageMa
         // `built` and `cleared` may score inside the range: only seqs are hidden messages.
         hidden: members
             .iter()
-            .filter_map(|member| member.parse().ok())
+            .filter_map(|member| std::str::from_utf8(member).ok()?.parse().ok())
             .collect(),
     })
 }

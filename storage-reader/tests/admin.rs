@@ -130,6 +130,9 @@ impl World {
             gatekeeper,
             postgres,
             redis: manager,
+            hot: std::sync::Arc::new(
+                storage_reader::hot_redis::HotRedis::with_defaults(&redis_client).unwrap(),
+            ),
             mongo: mongo.collection("messages"),
             notifier,
             recall_window_ms: 60_000,

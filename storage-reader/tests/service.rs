@@ -5,6 +5,7 @@
 //! (Unavailable), and the page-source counter behind the cache hit ratio.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatify_core::ids::SessionId;
@@ -30,6 +31,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use storage_reader::group::Groups;
+use storage_reader::hot_redis::HotRedis;
 use storage_reader::identity::{Gatekeeper, INTERNAL_TOKEN_HEADER, INTERNAL_USER_HEADER};
 use storage_reader::notify::Notifier;
 use storage_reader::service::Storage;
@@ -214,10 +216,10 @@ impl World {
                 .await
                 .unwrap();
         });
-        let redis_manager =
-            redis::aio::ConnectionManager::new(redis::Client::open(reader_redis_url).unwrap())
-                .await
-                .unwrap();
+        let reader_redis = redis::Client::open(reader_redis_url).unwrap();
+        let redis_manager = redis::aio::ConnectionManager::new(reader_redis.clone())
+            .await
+            .unwrap();
         let storage = Storage {
             gatekeeper: Gatekeeper::new(
                 chatify_core::auth::Authenticator::hs256(SECRET.as_bytes()),
@@ -226,6 +228,7 @@ impl World {
             ),
             postgres: stores.postgres.clone(),
             redis: redis_manager.clone(),
+            hot: Arc::new(HotRedis::with_defaults(&reader_redis).unwrap()),
             mongo: stores.mongo.collection("messages"),
             notifier: Notifier {
                 producer: chatify_core::producer::RenewableProducer::new(
@@ -2033,6 +2036,7 @@ async fn a_store_that_is_down_answers_unavailable() {
         ),
         postgres,
         redis,
+        hot: Arc::new(HotRedis::with_defaults(&redis_client).unwrap()),
         mongo: mongo.collection("messages"),
         notifier: Notifier {
             producer: chatify_core::producer::RenewableProducer::new(

@@ -424,6 +424,7 @@ async fn serve(config: storage_reader::config::Config) -> anyhow::Result<std::ne
         ),
         postgres: stores.postgres.clone(),
         redis,
+        hot: std::sync::Arc::new(config.hot_redis(&stores.redis)?),
         mongo: stores.mongo.collection("messages"),
         notifier: storage_reader::notify::Notifier {
             producer: chatify_core::producer::RenewableProducer::new(
