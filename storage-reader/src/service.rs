@@ -187,7 +187,8 @@ impl Storage {
     /// watermark, hidden seqs) and the cached window; Postgres is asked only when Redis
     /// lacks something (members or marks not cached, the page not in the hot cache). A
     /// forward page starting below the caller's clear watermark reads its window again
-    /// from the watermark (a second round trip).
+    /// from the watermark (a second round trip); a backward one needs no second read
+    /// ([`store::add_window_read`]).
     async fn seq_query(
         &self,
         caller: &Verified,
@@ -222,8 +223,6 @@ impl Storage {
         }
         let scores = next()?.into_optional_numbers()?;
         let members = next()?.into_bulks()?;
-        let lowest = store::lowest_seq(next()?)?;
-        let cached = next()?.into_bulks()?;
         let marks = match store::marks_from(&scores, &members) {
             Some(marks) => marks,
             None => {
@@ -251,18 +250,9 @@ impl Storage {
                 source: store::Source::Cache,
             });
         }
-        let cached = if clamped.after == page.after {
-            if store::cache_serves(page, lowest, cached.len()) {
-                Some(store::index_window(session, cached)?)
-            } else {
-                None
-            }
-        } else if page.backward {
-            // Read from the top down: what the watermark hides is the window's tail, and
-            // the rest is exactly the window from the watermark.
-            let mut window = store::index_window(session, cached)?;
-            window.retain(|message| message.seq() > clamped.after);
-            store::cache_serves(clamped, lowest, window.len()).then_some(window)
+        // A backward page's cache read has no lower bound: it serves the clamped page too.
+        let cached = if clamped.after == page.after || page.backward {
+            store::cached_window(session, clamped, &mut replies)?
         } else {
             return store::seq_page(
                 &self.postgres,

@@ -276,15 +276,7 @@ pub async fn seq_page(
     let mut pipe = redis::pipe();
     add_window_read(&mut pipe, session, page);
     let mut replies = hot.query(&pipe).await?.into_iter();
-    let (Some(lowest), Some(cached)) = (replies.next(), replies.next()) else {
-        return Err(too_few_replies());
-    };
-    let (lowest, cached) = (lowest_seq(lowest)?, cached.into_bulks()?);
-    let cached = if cache_serves(page, lowest, cached.len()) {
-        Some(index_window(session, cached)?)
-    } else {
-        None
-    };
+    let cached = cached_window(session, page, &mut replies)?;
     page_from(postgres, mongo, archive, session, page, hidden, cached).await
 }
 
@@ -296,60 +288,85 @@ pub fn too_few_replies() -> ReaderError {
     }
 }
 
-/// The seq of the oldest cached entry from the `ZRANGE key 0 0 WITHSCORES` reply of
-/// [`add_window_read`] (`[member, score]`, or empty when nothing is cached).
-pub fn lowest_seq(reply: Reply) -> Result<Option<u64>, ReaderError> {
-    let pair = reply.into_bulks()?;
-    Ok(match pair.get(1) {
-        Some(score) => Some(hot_redis::number(score)? as u64),
-        None => None,
-    })
-}
-
-/// Adds the two reads that decide whether the hot cache can serve `page` (its oldest entry)
-/// and the cached window itself (`page.limit + 1` entries), in that order.
+/// Adds the hot-cache reads for `page`, from which [`cached_window`] tells whether the cache
+/// serves it. Backward, one read: the newest `limit + 2` entries below `before` with no
+/// lower bound, so the entries at or below `after` it may hold say whether the cache reaches
+/// down to `after`. Forward, two: the oldest cached entry, then the window (`limit + 1`
+/// entries above `after`).
 pub fn add_window_read(pipe: &mut redis::Pipeline, session: &SessionId, page: SeqPage) {
     let hot = keys::session_hot_cache(session);
-    let want = page.limit + 1;
     let upper = if page.before == 0 {
         "+inf".to_owned()
     } else {
         format!("({}", page.before)
     };
-    let lower = format!("({}", page.after);
-    pipe.cmd("ZRANGE").arg(&hot).arg(0).arg(0).arg("WITHSCORES");
     if page.backward {
         pipe.cmd("ZREVRANGEBYSCORE")
             .arg(&hot)
             .arg(&upper)
-            .arg(&lower)
+            .arg("-inf")
             .arg("LIMIT")
             .arg(0)
-            .arg(want);
+            .arg(page.limit + 2);
     } else {
+        pipe.cmd("ZRANGE").arg(&hot).arg(0).arg(0).arg("WITHSCORES");
         pipe.cmd("ZRANGEBYSCORE")
             .arg(&hot)
-            .arg(&lower)
+            .arg(format!("({}", page.after))
             .arg(&upper)
             .arg("LIMIT")
             .arg(0)
-            .arg(want);
+            .arg(page.limit + 1);
     }
 }
 
-/// Whether the hot cache holds every seq `page` can reach, given its oldest entry and the
-/// length of the window it returned for `page`.
-pub fn cache_serves(page: SeqPage, lowest: Option<u64>, window_len: usize) -> bool {
-    let Some(min) = lowest else {
-        return false;
-    };
+/// The cached window of `page` (at most `limit + 1` entries, in page order) from the
+/// replies of [`add_window_read`] for a page with the same `before` and direction (a
+/// backward page's read does not depend on `after`), or None when the hot cache does not
+/// hold every seq the page can reach.
+pub fn cached_window(
+    session: &SessionId,
+    page: SeqPage,
+    replies: &mut impl Iterator<Item = Reply>,
+) -> Result<Option<Vec<EncodedChatMessage>>, ReaderError> {
+    let mut next = || replies.next().ok_or_else(too_few_replies);
     if page.backward {
-        // A full page from the cache, or the cache reaches down to `after`.
-        window_len == page.limit + 1 || page.after + 1 >= min
+        let newest = index_window(session, next()?.into_bulks()?)?;
+        Ok(backward_window(page, newest))
     } else {
+        let pair = next()?.into_bulks()?;
+        let lowest = match pair.get(1) {
+            Some(score) => Some(hot_redis::number(score)? as u64),
+            None => None,
+        };
+        let window = next()?.into_bulks()?;
         // Every seq above `after` is cached.
-        page.after + 1 >= min
+        if lowest.is_some_and(|lowest| page.after + 1 >= lowest) {
+            Ok(Some(index_window(session, window)?))
+        } else {
+            Ok(None)
+        }
     }
+}
+
+/// A backward page's window from the newest cached entries below `before`, newest first
+/// (`limit + 2` at most, no lower bound): served when the window is a full page, or the
+/// cache reaches down to `after` — it holds an entry at or below `after` (then those above
+/// it are all here), or it ran out exactly at `after + 1`.
+fn backward_window(
+    page: SeqPage,
+    newest: Vec<EncodedChatMessage>,
+) -> Option<Vec<EncodedChatMessage>> {
+    let read_all = newest.len() < page.limit + 2;
+    let reaches_below = newest.last().is_some_and(|entry| entry.seq() <= page.after);
+    let mut window = newest;
+    window.retain(|entry| entry.seq() > page.after);
+    window.truncate(page.limit + 1);
+    let ends_at_after = read_all
+        && window
+            .last()
+            .is_some_and(|entry| entry.seq() == page.after + 1);
+    (window.len() == page.limit + 1 || reaches_below || ends_at_after).then_some(window)
 }
 
 /// Hot-cache entries checked to be well-formed encoded `ChatMessage`s (the writer's layout,
@@ -372,7 +389,7 @@ pub fn index_window(
         .collect()
 }
 
-/// The page from the cached window when there is one (see [`cache_serves`]), else from the
+/// The page from the cached window when there is one (see [`cached_window`]), else from the
 /// archive; the user's `hidden` seqs removed after the window is cut.
 pub async fn page_from(
     postgres: &PgPool,
@@ -1134,5 +1151,70 @@ mod tests {
         assert_eq!(message_type_of("indicator"), MessageType::Indicator);
         assert_eq!(message_type_of("text"), MessageType::Text);
         assert_eq!(message_type_of("???"), MessageType::Text);
+    }
+
+    fn entries(seqs: impl IntoIterator<Item = u64>) -> Vec<EncodedChatMessage> {
+        seqs.into_iter()
+            .map(|seq| {
+                let message = ChatMessage {
+                    seq,
+                    content: format!("m{seq}"),
+                    ..ChatMessage::default()
+                };
+                EncodedChatMessage::new(message.encode_to_vec()).expect("well-formed")
+            })
+            .collect()
+    }
+
+    fn seqs(window: Option<Vec<EncodedChatMessage>>) -> Option<Vec<u64>> {
+        window.map(|window| window.iter().map(EncodedChatMessage::seq).collect())
+    }
+
+    fn backward(after: u64, limit: usize) -> SeqPage {
+        SeqPage {
+            after,
+            before: 0,
+            backward: true,
+            limit,
+        }
+    }
+
+    #[test]
+    fn a_backward_page_is_cached_when_full_or_when_the_cache_reaches_after() {
+        // A full page (limit + 1 above `after`) whatever lies below.
+        assert_eq!(
+            seqs(backward_window(
+                backward(0, 3),
+                entries([90, 89, 88, 87, 86])
+            )),
+            Some(vec![90, 89, 88, 87])
+        );
+        // An entry at or below `after`: everything above it is cached.
+        assert_eq!(
+            seqs(backward_window(
+                backward(88, 3),
+                entries([90, 89, 88, 87, 86])
+            )),
+            Some(vec![90, 89])
+        );
+        // The cache ran out exactly at after + 1.
+        assert_eq!(
+            seqs(backward_window(backward(88, 3), entries([90, 89]))),
+            Some(vec![90, 89])
+        );
+        assert_eq!(
+            seqs(backward_window(backward(0, 50), entries([2, 1]))),
+            Some(vec![2, 1])
+        );
+        // The cache ran out above after + 1: older seqs live only in the archive.
+        assert_eq!(
+            seqs(backward_window(backward(0, 50), entries([9, 8]))),
+            None
+        );
+        assert_eq!(seqs(backward_window(backward(5, 3), entries([9, 8]))), None);
+        // Nothing cached below `before`.
+        assert_eq!(seqs(backward_window(backward(0, 3), Vec::new())), None);
+        // Read to its bottom, but the bottom is not after + 1 (a gap: 6 is not cached).
+        assert_eq!(seqs(backward_window(backward(5, 3), entries([9, 7]))), None);
     }
 }
