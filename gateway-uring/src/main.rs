@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    let huge_pages = opt_out_of_huge_pages();
     chatify_core::config::load_env_file()?;
     let config: Config = chatify_core::config::parse().unwrap_or_else(|error| error.exit());
     config.validate()?;
@@ -38,6 +39,9 @@ fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )
         .await?;
+        if let Err(error) = huge_pages {
+            tracing::warn!(%error, "cannot opt out of transparent huge pages");
+        }
         raise_limits();
         let topics = config.kafka.topics();
         let push_topic = topics.push(&config.node_id);
@@ -242,6 +246,17 @@ async fn sweep_send_rates(node: Arc<NodeShared>) {
 /// charge them to RLIMIT_MEMLOCK, and a low limit makes io_uring setup fail, so the shards
 /// fall back to epoll). Raising a hard limit needs privileges we do not ask for: set it with
 /// `ulimit -Hl` / systemd `LimitMEMLOCK=` / compose `ulimits` instead.
+/// Memory follows the bytes in use, not the allocator's address ranges: mimalloc advises
+/// the kernel to back its arenas with transparent huge pages (2 MiB), so on hosts where
+/// THP is `madvise` or `always` every partly used 2 MiB range of the heap is resident in
+/// full. For a gateway whose memory is mostly many small per-connection blocks that costs
+/// far more than the TLB misses it saves (docs/BENCHMARKS.md, idle connections: about
+/// 650 B per idle connection). The process opts out first thing, before the heap grows; a
+/// failure (an old kernel, a seccomp filter) is logged once logging is up, not fatal.
+fn opt_out_of_huge_pages() -> std::io::Result<()> {
+    rustix::thread::disable_transparent_huge_pages(true).map_err(std::io::Error::from)
+}
+
 fn raise_limits() {
     for (name, resource) in [
         ("nofile", rlimit::Resource::NOFILE),

@@ -575,8 +575,10 @@ enum Fragmented {
 /// After an error the decoder's state is unspecified; the connection is to be closed.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    frame_bytes_max: usize,
-    message_bytes_max: usize,
+    /// The limits and the UTF-8 mark are `u32` because every idle WebSocket's task holds a
+    /// decoder (a limit above 4 GiB acts as 4 GiB).
+    frame_bytes_max: u32,
+    message_bytes_max: u32,
     /// The data message whose first fragment has arrived but not its last.
     fragmented: Option<Fragmented>,
     /// Payload of that message so far. Empty (no allocation) between fragmented messages:
@@ -584,7 +586,7 @@ pub struct FrameDecoder {
     fragments: BytesMut,
     /// Leading bytes of `fragments` known to be complete, valid UTF-8 (text only), so each
     /// byte is validated once and an invalid prefix fails before the message ends.
-    utf8_valid_bytes: usize,
+    utf8_valid_bytes: u32,
 }
 
 impl FrameDecoder {
@@ -592,8 +594,8 @@ impl FrameDecoder {
     /// fragmented) message; either is refused with 1009 from the header, before buffering.
     pub fn new(frame_bytes_max: usize, message_bytes_max: usize) -> Self {
         Self {
-            frame_bytes_max,
-            message_bytes_max,
+            frame_bytes_max: u32::try_from(frame_bytes_max).unwrap_or(u32::MAX),
+            message_bytes_max: u32::try_from(message_bytes_max).unwrap_or(u32::MAX),
             fragmented: None,
             fragments: BytesMut::new(),
             utf8_valid_bytes: 0,
@@ -651,7 +653,9 @@ impl FrameDecoder {
     /// Checks a header against the size limits and the fragmentation state before any of the
     /// payload is buffered.
     fn check_limits_and_order(&self, header: &FrameHeader) -> Result<(), WsError> {
-        if header.payload_bytes > self.frame_bytes_max {
+        let frame_bytes_max = self.frame_bytes_max as usize;
+        let message_bytes_max = self.message_bytes_max as usize;
+        if header.payload_bytes > frame_bytes_max {
             return Err(WsError::FrameTooBig);
         }
         match (header.opcode, self.fragmented) {
@@ -659,13 +663,11 @@ impl FrameDecoder {
             (Opcode::Text | Opcode::Binary, Some(_)) => Err(WsError::MessageInterrupted),
             (Opcode::Continuation, Some(_))
                 if header.payload_bytes
-                    > self.message_bytes_max.saturating_sub(self.fragments.len()) =>
+                    > message_bytes_max.saturating_sub(self.fragments.len()) =>
             {
                 Err(WsError::MessageTooBig)
             }
-            (Opcode::Text | Opcode::Binary, None)
-                if header.payload_bytes > self.message_bytes_max =>
-            {
+            (Opcode::Text | Opcode::Binary, None) if header.payload_bytes > message_bytes_max => {
                 Err(WsError::MessageTooBig)
             }
             _ => Ok(()),
@@ -694,11 +696,13 @@ impl FrameDecoder {
     /// Validates the bytes of `fragments` not yet known good; an incomplete character at the
     /// end is fine until the last fragment.
     fn validate_utf8(&mut self, fin: bool) -> Result<(), WsError> {
-        let unchecked = &self.fragments[self.utf8_valid_bytes..];
+        // Both fit in u32: `fragments` never grows past `message_bytes_max`.
+        let valid = self.utf8_valid_bytes as usize;
+        let unchecked = &self.fragments[valid..];
         match simdutf8::compat::from_utf8(unchecked) {
-            Ok(_) => self.utf8_valid_bytes = self.fragments.len(),
+            Ok(_) => self.utf8_valid_bytes = self.fragments.len() as u32,
             Err(error) if error.error_len().is_none() && !fin => {
-                self.utf8_valid_bytes += error.valid_up_to();
+                self.utf8_valid_bytes = (valid + error.valid_up_to()) as u32;
             }
             Err(_) => return Err(WsError::InvalidUtf8),
         }

@@ -8,8 +8,9 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use chatify_core::routing::unix_now_ms;
@@ -65,8 +66,10 @@ pub(super) enum ReadEnd {
 /// the error). This is how an idle connection holds no read buffer with monoio's owned
 /// buffers: a pending read must own its buffer until it completes, and `readable()` is not
 /// reachable through the split read half.
+/// The request's buffer is a zero-sized array (a `Box` of it allocates nothing), so the
+/// pending `recv` holds a thin pointer rather than a `Vec`.
 pub(super) async fn wait_readable<R: AsyncReadRent>(reader: &mut R) -> std::io::Result<()> {
-    let (result, _) = reader.read(Vec::<u8>::new()).await;
+    let (result, _) = reader.read(Box::new([0_u8; 0])).await;
     result.map(drop)
 }
 
@@ -139,50 +142,58 @@ pub(super) fn release_read_buffer(shard: &Shard, held: &mut Option<BytesMut>) {
     }
 }
 
-/// One read of an admitted connection: waits until the socket is readable without holding
-/// a buffer ([`wait_readable`]), then reads into `held` (a frame spanning reads) or a
-/// buffer from the shard's pool. It owns the read half while it runs and hands it back, so
-/// the connection task can keep it in flight while it writes. `None`: the peer closed or
-/// the socket failed. After decoding, hand the buffer back with [`release_read_buffer`].
-/// Not an `async fn`, which would keep a second copy of its arguments: this future is what
-/// an idle connection's task holds.
-fn read_step<'shard, R: AsyncReadRent + 'shard>(
-    shard: &'shard Shard,
-    mut reader: R,
-    mut held: Option<BytesMut>,
-) -> impl Future<Output = (R, Option<BytesMut>)> + 'shard {
-    use monoio::buf::IoBufMut as _;
+/// The read side of an idle admitted connection: the zero-length `recv` of
+/// [`wait_readable`], owning the read half and handing it back with whether the socket is
+/// readable (`false`: the peer closed or the socket failed). This is what an idle
+/// connection's task holds (the `recv` op and the half, no buffer), so it is kept apart
+/// from [`read_into`], the larger read that follows. Not an `async fn`, which would keep a
+/// second copy of its argument.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an `async fn` would keep a second copy of the read half in every idle task"
+)]
+fn wait_step<R: AsyncReadRent>(mut reader: R) -> impl Future<Output = (R, bool)> {
     async move {
-        // Also when a frame spans reads: a read straight into its buffer could wait for
-        // long, and it would hold the buffer meanwhile.
-        if wait_readable(&mut reader).await.is_err() {
-            if let Some(buffer) = held.take() {
-                shard.buffers.give(buffer);
-            }
-            return (reader, None);
-        }
-        let buffer = match held.take() {
-            Some(mut partial) => {
-                if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
-                    partial.reserve(buffers::BUFFER_BYTES);
-                }
-                partial
-            }
-            None => shard.buffers.take(),
-        };
-        let start = buffer.len();
-        let end = buffer.capacity();
-        let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
-        let buffer = slice.into_inner();
-        match result {
-            Ok(0) | Err(_) => {
-                shard.buffers.give(buffer);
-                (reader, None)
-            }
-            Ok(_) => (reader, Some(buffer)),
-        }
+        let (result, _) = reader.read(Box::new([0_u8; 0])).await;
+        (reader, result.is_ok())
     }
 }
+
+/// The read after [`wait_step`] said bytes are there: into `held` (a frame spanning reads)
+/// or a buffer from the shard's pool. It owns the read half while it runs and hands it
+/// back; the connection's task boxes it, so it takes memory only while bytes are in hand.
+/// `None`: the peer closed or the socket failed. After decoding, hand the buffer back with
+/// [`release_read_buffer`].
+async fn read_into<R: AsyncReadRent>(
+    shard: Rc<Shard>,
+    mut reader: R,
+    held: Option<BytesMut>,
+) -> (R, Option<BytesMut>) {
+    use monoio::buf::IoBufMut as _;
+    let buffer = match held {
+        Some(mut partial) => {
+            if partial.capacity() - partial.len() < READ_SPARE_BYTES_MIN {
+                partial.reserve(buffers::BUFFER_BYTES);
+            }
+            partial
+        }
+        None => shard.buffers.take(),
+    };
+    let start = buffer.len();
+    let end = buffer.capacity();
+    let (result, slice) = reader.read(buffer.slice_mut(start..end)).await;
+    let buffer = slice.into_inner();
+    match result {
+        Ok(0) | Err(_) => {
+            shard.buffers.give(buffer);
+            (reader, None)
+        }
+        Ok(_) => (reader, Some(buffer)),
+    }
+}
+
+/// A read into a buffer in flight (see [`read_into`]).
+type ReadInFlight<R> = Pin<Box<dyn Future<Output = (R, Option<BytesMut>)>>>;
 
 fn heartbeat_timed_out() -> CloseReason {
     metrics::counter!("chatify_gateway_refusals_total", "reason" => "heartbeat_timeout")
@@ -292,96 +303,159 @@ impl Admitted {
     }
 
     /// The admitted connection's whole life in its one task (there is no writer task): the
-    /// read side (one [`read_step`] always in flight, which holds no buffer while it waits)
-    /// and the write side ([`WriteSide`]: a write only while frames are queued) are polled
-    /// together, so neither waits for the other and an idle connection's task is only that
-    /// pending zero-length read. `on_bytes` decodes and handles every whole frame of what
-    /// was read (`Err` closes the connection with that reason); `held` is what the client
-    /// sent after the handshake. Then the close (a close frame on WebSocket; TCP just ends)
-    /// goes out after what is queued, and the connection leaves the shard's tables, its
-    /// route is removed and its slot freed.
+    /// read side (always either the zero-length `recv` of [`wait_step`], which holds no
+    /// buffer, or the boxed [`read_into`] that follows it) and the write side
+    /// ([`WriteSide`]: a write only while frames are queued) are polled together, so neither
+    /// waits for the other and an idle connection's task is only that pending zero-length
+    /// read. `on_bytes` decodes and handles every whole frame of what was read (`Err` closes
+    /// the connection with that reason); `held` is what the client sent after the
+    /// handshake. Then the close (a close frame on WebSocket; TCP just ends) goes out after
+    /// what is queued, and the connection leaves the shard's tables, its route is removed
+    /// and its slot freed.
     /// Not an `async fn` (see `ws_conn::serve`): the future uses what it captures in place.
     pub(super) fn run(
         self,
         shard: Rc<Shard>,
         reader: OwnedReadHalf<TcpStream>,
         sink: OwnedWriteHalf<TcpStream>,
-        mut held: Option<BytesMut>,
-        mut on_bytes: impl FnMut(&mut BytesMut) -> Result<(), CloseReason>,
+        held: Option<BytesMut>,
+        on_bytes: impl FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>,
     ) -> impl Future<Output = ()> {
-        let mut writes = WriteSide::new(sink);
+        let mut open = Open {
+            shard,
+            admitted: self,
+            writes: WriteSide::new(sink),
+            held,
+            reading: None,
+            on_bytes,
+        };
         let mut reader = Some(reader);
         async move {
-            let shard = &*shard;
-            let live = &self.live;
-            let queue = &live.queue;
-            let mut reading = std::pin::pin!(None);
+            // Pinned here, outside `open`: polling it needs it pinned, and `open` is not.
+            let mut waiting = std::pin::pin!(None);
             let close = loop {
-                if let Some(buffer) = held.as_mut()
-                    && let Err(close) = on_bytes(buffer)
-                {
+                if let Err(close) = open.on_read() {
                     break close;
                 }
-                release_read_buffer(shard, &mut held);
-                if queue.is_finished() {
-                    break CloseReason::new(1000, "write side closed");
-                }
                 if let Some(reader) = reader.take() {
-                    reading.set(Some(read_step(shard, reader, held.take())));
+                    waiting.set(Some(wait_step(reader)));
                 }
-                // No timer per connection: the shard's sweep sets `heartbeat_expired` and
-                // wakes the task through the queue's waker.
-                let read = std::future::poll_fn(|cx| {
-                    if live.heartbeat_expired.get() {
-                        return Poll::Ready(None);
-                    }
-                    writes.poll(cx, shard, queue);
-                    let step = reading
-                        .as_mut()
-                        .as_pin_mut()
-                        .expect("a read is always in flight here");
-                    step.poll(cx).map(Some)
-                })
-                .await;
+                let read = std::future::poll_fn(|cx| open.poll_io(cx, waiting.as_mut())).await;
                 // On expiry the pending read is dropped (cancelled) with its buffer, if any.
                 let Some((returned, buffer)) = read else {
                     break heartbeat_timed_out();
                 };
-                reading.set(None);
                 reader = Some(returned);
                 if buffer.is_none() {
                     break CloseReason::new(1000, "peer gone");
                 }
-                held = buffer;
-                live.last_active_ms.set(unix_now_ms());
+                open.held = buffer;
+                open.admitted.live.last_active_ms.set(unix_now_ms());
             };
             // The read side goes first, so the socket closes as soon as the write side is
             // done.
-            reading.set(None);
+            waiting.set(None);
             reader = None;
-            if let Some(buffer) = held.take() {
-                shard.buffers.give(buffer);
-            }
-            // Every close of an admitted connection, by its reason (a bounded set of static
-            // strings): the one place that says why connections went away.
-            metrics::counter!("chatify_gateway_closes_total", "reason" => close.reason)
-                .increment(1);
-            // A slow reader's pending frames are dropped so the close goes out at once.
-            let slow = close.reason == "slow consumer";
-            queue.close_with(close.code, close.reason, slow);
-            std::future::poll_fn(|cx| {
-                writes.poll(cx, shard, queue);
-                if queue.is_finished() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
+            open.close(close);
+            std::future::poll_fn(|cx| open.poll_close(cx)).await;
             drop(reader);
-            shard.remove_connection(live.connection_id);
-            shard.redis.disconnect(live.route_entry());
-            drop(self.slot);
+            let Open {
+                shard, admitted, ..
+            } = open;
+            shard.remove_connection(admitted.live.connection_id);
+            shard.redis.disconnect(admitted.live.route_entry());
+            drop(admitted.slot);
+        }
+    }
+}
+
+/// What an admitted connection's task keeps besides its pending readiness wait (which is
+/// pinned in the task): one struct, so the task's polls borrow it through one reference
+/// rather than one per field (every reference is kept in the task for its whole life).
+struct Open<F> {
+    shard: Rc<Shard>,
+    admitted: Admitted,
+    writes: WriteSide<OwnedWriteHalf<TcpStream>>,
+    /// What was read and not yet decoded (a frame spanning reads), if anything.
+    held: Option<BytesMut>,
+    /// The boxed [`read_into`] after the readiness wait said bytes are there.
+    reading: Option<ReadInFlight<OwnedReadHalf<TcpStream>>>,
+    on_bytes: F,
+}
+
+impl<F: FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>> Open<F> {
+    /// Decodes and handles what was read, then gives an emptied buffer back. `Err`: close.
+    fn on_read(&mut self) -> Result<(), CloseReason> {
+        let shard = &*self.shard;
+        if let Some(buffer) = self.held.as_mut() {
+            (self.on_bytes)(shard, buffer)?;
+        }
+        release_read_buffer(shard, &mut self.held);
+        if self.admitted.live.queue.is_finished() {
+            return Err(CloseReason::new(1000, "write side closed"));
+        }
+        Ok(())
+    }
+
+    /// Drives the write side and the read side together. Ready with `None` when the
+    /// heartbeat expired (no timer per connection: the shard's sweep sets
+    /// `heartbeat_expired` and wakes the task through the queue's waker), with the read
+    /// half and what was read otherwise (`None`: the peer closed or the socket failed).
+    fn poll_io<W: Future<Output = (OwnedReadHalf<TcpStream>, bool)>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut waiting: Pin<&mut Option<W>>,
+    ) -> Poll<Option<(OwnedReadHalf<TcpStream>, Option<BytesMut>)>> {
+        let live = &self.admitted.live;
+        if live.heartbeat_expired.get() {
+            return Poll::Ready(None);
+        }
+        self.writes.poll(cx, &self.shard, &live.queue);
+        loop {
+            if let Some(read) = self.reading.as_mut() {
+                let done = std::task::ready!(read.as_mut().poll(cx));
+                self.reading = None;
+                return Poll::Ready(Some(done));
+            }
+            let wait = waiting
+                .as_mut()
+                .as_pin_mut()
+                .expect("a read is always in flight here");
+            let (reader, readable) = std::task::ready!(wait.poll(cx));
+            waiting.set(None);
+            if !readable {
+                return Poll::Ready(Some((reader, None)));
+            }
+            let read = read_into(Rc::clone(&self.shard), reader, self.held.take());
+            self.reading = Some(Box::pin(read));
+        }
+    }
+
+    /// Ends the read side and asks the write side to send the close after what is queued.
+    fn close(&mut self, close: CloseReason) {
+        drop(self.reading.take());
+        if let Some(buffer) = self.held.take() {
+            self.shard.buffers.give(buffer);
+        }
+        // Every close of an admitted connection, by its reason (a bounded set of static
+        // strings): the one place that says why connections went away.
+        metrics::counter!("chatify_gateway_closes_total", "reason" => close.reason).increment(1);
+        // A slow reader's pending frames are dropped so the close goes out at once.
+        let slow = close.reason == "slow consumer";
+        self.admitted
+            .live
+            .queue
+            .close_with(close.code, close.reason, slow);
+    }
+
+    /// Ready once the write side is done (the close written, or the socket broke).
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let queue = &self.admitted.live.queue;
+        self.writes.poll(cx, &self.shard, queue);
+        if queue.is_finished() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }

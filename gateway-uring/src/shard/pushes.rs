@@ -23,9 +23,7 @@ pub(super) fn deliver(shard: &Shard, items: &[PushItem]) {
         if !item.user_ids.is_empty() {
             let users = shard.users.borrow();
             for user in item.user_ids.iter() {
-                if let Some(ids) = users.get(user) {
-                    targets.extend_from_slice(ids);
-                }
+                users.connections_of(user, &mut targets);
             }
             targets.sort_unstable();
             targets.dedup();

@@ -3,6 +3,9 @@
 //! TCP, so every refusal is an `error` frame followed by closing the socket.
 
 use std::future::Future;
+
+use futures::FutureExt as _;
+use futures::future::OptionFuture;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -38,26 +41,32 @@ fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
     Bytes::from(framed)
 }
 
-/// The connection's task, sized for the frame loop: the authentication's larger futures are
-/// boxed and freed once the connection is admitted, and the stream is boxed until it is
-/// split (see `ws_conn::serve`).
+/// The connection's task, sized for the frame loop: the authentication (and the stream
+/// until it is split) is boxed and freed once the connection is admitted (see
+/// `ws_conn::serve`).
 pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
-    let mut stream = Box::new(stream);
-    async move {
-        let mut held = None;
-        let admitted = Box::pin(authenticate(&shard, &mut stream, &mut held)).await;
-        // Bytes after the auth frame are kept for the frame loop; an emptied buffer goes back.
-        lifecycle::release_read_buffer(&shard, &mut held);
-        let Some(admitted) = admitted else {
-            if let Some(buffer) = held.take() {
-                shard.buffers.give(buffer);
-            }
-            return;
-        };
-        let decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
-        let (reader, sink) = (*stream).into_split();
-        run(shard, reader, sink, admitted, held, decoder).await;
-    }
+    Box::pin(start(shard, stream))
+        .map(OptionFuture::from)
+        .flatten()
+        .map(|_: Option<()>| ())
+}
+
+/// The authentication of [`serve`]; the frame loop of the admitted connection, or `None`
+/// when it was refused.
+async fn start(shard: Rc<Shard>, mut stream: TcpStream) -> Option<impl Future<Output = ()>> {
+    let mut held = None;
+    let admitted = authenticate(&shard, &mut stream, &mut held).await;
+    // Bytes after the auth frame are kept for the frame loop; an emptied buffer goes back.
+    lifecycle::release_read_buffer(&shard, &mut held);
+    let Some(admitted) = admitted else {
+        if let Some(buffer) = held.take() {
+            shard.buffers.give(buffer);
+        }
+        return None;
+    };
+    let decoder = LengthDecoder::new(shard.limits.frame_bytes_max);
+    let (reader, sink) = stream.into_split();
+    Some(run(shard, reader, sink, admitted, held, decoder))
 }
 
 /// Claims a slot, reads the `auth` frame, verifies and admits the connection and answers
@@ -151,8 +160,7 @@ fn run(
     mut decoder: LengthDecoder,
 ) -> impl Future<Output = ()> {
     let mut connection = Connection::new(Rc::clone(&admitted.live), Transport::Tcp);
-    let frames_shard = Rc::clone(&shard);
-    let on_bytes = move |buffer: &mut BytesMut| {
+    let on_bytes = move |shard: &Shard, buffer: &mut BytesMut| {
         loop {
             let payload = match decoder.decode(buffer) {
                 Ok(Some(payload)) => payload,
@@ -164,7 +172,7 @@ fn run(
             };
             match ClientFrame::decode(payload) {
                 Ok(ClientFrame { frame: Some(frame) }) => {
-                    connection.on_frame(&frames_shard, Transport::Tcp, frame)?;
+                    connection.on_frame(shard, Transport::Tcp, frame)?;
                 }
                 _ => {
                     let _ = connection

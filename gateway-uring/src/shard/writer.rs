@@ -202,7 +202,7 @@ fn wake(state: &mut State) {
 }
 
 /// A write in flight: it owns the write half and hands it back with the buffer.
-type WriteInFlight<W> = Pin<Box<dyn Future<Output = (W, std::io::Result<()>, BytesMut)>>>;
+type WriteInFlight<W> = Pin<Box<dyn Future<Output = (W, std::io::Result<()>, BytesMut, bool)>>>;
 
 /// The write side of a connection, driven by the connection's own task (there is no
 /// writer task): idle, it holds only the write half; with frames queued it borrows a pooled
@@ -213,9 +213,9 @@ type WriteInFlight<W> = Pin<Box<dyn Future<Output = (W, std::io::Result<()>, Byt
 pub(super) struct WriteSide<W> {
     /// The write half while no write is in flight; `None` during a write and once finished.
     sink: Option<W>,
+    /// The write in flight; it hands back whether it carried the close (the queue then
+    /// finishes), so the idle side keeps no flag for it.
     in_flight: Option<WriteInFlight<W>>,
-    /// The write in flight carries the close: the queue finishes when it completes.
-    closing: bool,
 }
 
 impl<W> std::fmt::Debug for WriteSide<W> {
@@ -231,7 +231,6 @@ impl<W: monoio::io::AsyncWriteRent + 'static> WriteSide<W> {
         Self {
             sink: Some(sink),
             in_flight: None,
-            closing: false,
         }
     }
 
@@ -245,13 +244,13 @@ impl<W: monoio::io::AsyncWriteRent + 'static> WriteSide<W> {
         queue.register(cx.waker());
         loop {
             if let Some(write) = self.in_flight.as_mut() {
-                let Poll::Ready((sink, result, buffer)) = write.as_mut().poll(cx) else {
+                let Poll::Ready((sink, result, buffer, closing)) = write.as_mut().poll(cx) else {
                     return;
                 };
                 self.in_flight = None;
                 shard.buffers.give(buffer);
                 match result {
-                    Ok(()) if !self.closing => self.sink = Some(sink),
+                    Ok(()) if !closing => self.sink = Some(sink),
                     Ok(()) => queue.finish(),
                     Err(error) => {
                         tracing::debug!(%error, "write failed");
@@ -263,8 +262,8 @@ impl<W: monoio::io::AsyncWriteRent + 'static> WriteSide<W> {
                 return;
             };
             let mut buffer = shard.buffers.take();
-            self.closing = queue.fill(&mut buffer);
-            self.in_flight = Some(Box::pin(write(sink, buffer, self.closing)));
+            let closing = queue.fill(&mut buffer);
+            self.in_flight = Some(Box::pin(write(sink, buffer, closing)));
         }
     }
 }
@@ -275,7 +274,7 @@ async fn write<W: monoio::io::AsyncWriteRent>(
     mut sink: W,
     buffer: BytesMut,
     closing: bool,
-) -> (W, std::io::Result<()>, BytesMut) {
+) -> (W, std::io::Result<()>, BytesMut, bool) {
     let (result, buffer) = if buffer.is_empty() {
         (Ok(()), buffer)
     } else {
@@ -285,5 +284,5 @@ async fn write<W: monoio::io::AsyncWriteRent>(
     if closing && result.is_ok() {
         let _ = sink.shutdown().await;
     }
-    (sink, result, buffer)
+    (sink, result, buffer, closing)
 }

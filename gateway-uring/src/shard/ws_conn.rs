@@ -4,6 +4,9 @@
 //! `lifecycle::Admitted::run`).
 
 use std::future::Future;
+
+use futures::FutureExt as _;
+use futures::future::OptionFuture;
 use std::rc::Rc;
 
 use bytes::{Buf as _, BytesMut};
@@ -24,20 +27,25 @@ use crate::handler::Transport;
 const TRY_IT_PAGE: &str = include_str!("../../static/index.html");
 
 /// The connection's task. Its allocation lives as long as the connection, so it is sized
-/// for the frame loop: the handshake's larger futures (HTTP parsing, the Redis admission,
-/// the answers) are boxed and freed once the connection is admitted. Not an `async fn`:
-/// a future keeps room for its captures (an `async fn` also for a second copy of its
-/// arguments) for its whole life, so the stream (80 B with its cached addresses) is boxed
-/// and only its two halves (a pointer each) are kept after the handshake.
+/// for the frame loop: the handshake ([`start`]: HTTP parsing, the Redis admission, the
+/// answers, and the stream itself, 80 B with its cached addresses) is boxed and freed once
+/// the connection is admitted, and then the task holds only the frame loop. Not an `async`
+/// block: one keeps room for its captures for its whole life, and
+/// `if let Some(frame_loop) = start(..).await { frame_loop.await }` keeps the frame loop
+/// twice (the awaited result and the future being polled); `flatten` keeps it once.
 pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
-    let mut stream = Box::new(stream);
-    async move {
-        let Some((admitted, held)) = Box::pin(accept(&shard, &mut stream)).await else {
-            return;
-        };
-        let (reader, sink) = (*stream).into_split();
-        run(shard, reader, sink, admitted, held).await;
-    }
+    Box::pin(start(shard, stream))
+        .map(OptionFuture::from)
+        .flatten()
+        .map(|_: Option<()>| ())
+}
+
+/// The handshake of [`serve`]; the frame loop of the admitted connection, or `None` when
+/// it was refused.
+async fn start(shard: Rc<Shard>, mut stream: TcpStream) -> Option<impl Future<Output = ()>> {
+    let (admitted, held) = accept(&shard, &mut stream).await?;
+    let (reader, sink) = stream.into_split();
+    Some(run(shard, reader, sink, admitted, held))
 }
 
 /// Claims a slot, then reads and answers the upgrade request; `None` when the connection
@@ -173,15 +181,14 @@ fn run(
     let mut connection = Connection::new(Rc::clone(&admitted.live), Transport::WebSocketText);
     let mut decoder =
         ws::FrameDecoder::new(shard.limits.frame_bytes_max, shard.limits.message_bytes_max);
-    let frames_shard = Rc::clone(&shard);
-    let on_bytes = move |buffer: &mut BytesMut| {
+    let on_bytes = move |shard: &Shard, buffer: &mut BytesMut| {
         // Every complete message read so far, in order.
         while let Some(message) = decoder.decode(buffer).map_err(|error| {
             metrics::counter!("chatify_gateway_refusals_total", "reason" => "ws_protocol")
                 .increment(1);
             CloseReason::new(error.close_code(), error.reason())
         })? {
-            on_message(&frames_shard, &mut connection, message).inspect_err(|close| {
+            on_message(shard, &mut connection, message).inspect_err(|close| {
                 if close.code == 1007 {
                     metrics::counter!("chatify_gateway_refusals_total", "reason" => "invalid_frame")
                         .increment(1);
