@@ -183,7 +183,7 @@ impl ClusterHandler {
         let identity = &connection.live.identity;
         // Validated before (`connection::validate`): exactly one target, well formed.
         let session = match (&send.receiver_id, &send.session_id) {
-            (Some(receiver), _) => SessionId::single(&identity.user_id, receiver),
+            (Some(receiver), _) => SessionId::single(identity.user_id(), receiver),
             (None, Some(session)) => SessionId::parse(session),
             (None, None) => Err(chatify_core::ids::IdError::BadSession),
         };
@@ -201,8 +201,8 @@ impl ClusterHandler {
         let client_msg_id = send.client_msg_id.clone();
         let request_id = send.request_id.clone();
         let command = UpstreamCommand {
-            sender_id: identity.user_id.clone(),
-            device_id: identity.device_id.clone(),
+            sender_id: identity.user_id().to_owned(),
+            device_id: identity.device_id().to_owned(),
             node_id: self.node_id.to_string(),
             connection_id: connection.live.connection_id,
             received_at_ms: received_at_ms as i64,
@@ -269,7 +269,7 @@ impl ClusterHandler {
         in_flight.set(in_flight.get() + 1);
         let transport = connection.transport;
         monoio::spawn(async move {
-            let answer = reader.call(&live.identity.user_id, request_id, call).await;
+            let answer = reader.call(live.identity.user_id(), request_id, call).await;
             live.reader_in_flight
                 .set(live.reader_in_flight.get().saturating_sub(1));
             if let Some(answer) = answer {

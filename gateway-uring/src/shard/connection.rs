@@ -72,7 +72,7 @@ impl Connection {
             .live
             .push_binary
             .set(transport != Transport::WebSocketText);
-        if let Err(reason) = validate(&frame, &self.context.live.identity.user_id) {
+        if let Err(reason) = validate(&frame, self.context.live.identity.user_id()) {
             return self.reply(error_reply(&frame, ErrorCode::BadRequest, reason));
         }
         if matches!(frame, ClientFrame::Send(_)) {
@@ -80,7 +80,7 @@ impl Connection {
             if shard
                 .node
                 .send_rate
-                .check(&self.context.live.identity.user_id)
+                .check(&self.context.live.identity.user_id().to_owned())
             {
                 self.rate_limit_strikes = 0;
             } else {

@@ -23,7 +23,7 @@ use monoio::net::TcpStream;
 use super::buffers;
 use super::connection::CloseReason;
 use super::writer::{Framing, OutboundQueue, WriteSide};
-use super::{ConnectionSlot, LiveConnection, Shard};
+use super::{ConnectionIdentity, ConnectionSlot, LiveConnection, Shard};
 use crate::auth::{AuthError, Identity};
 use crate::redis_bridge::Admission;
 
@@ -275,7 +275,7 @@ pub(super) async fn admit(
     let live = Rc::new(LiveConnection {
         connection_id,
         queue: OutboundQueue::new(framing, shard.limits.send_queue_frames_max),
-        identity,
+        identity: ConnectionIdentity::new(&identity),
         connected_at_ms: now_ms,
         push_binary: Cell::new(framing == Framing::Tcp),
         last_active_ms: Cell::new(now_ms),

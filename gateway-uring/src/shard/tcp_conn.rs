@@ -133,8 +133,8 @@ async fn authenticate(
     let identity = &admitted.live.identity;
     let auth_ok = ServerFrame {
         frame: Some(server_frame::Frame::AuthOk(AuthOk {
-            user_id: identity.user_id.clone(),
-            device_id: identity.device_id.clone(),
+            user_id: identity.user_id().to_owned(),
+            device_id: identity.device_id().to_owned(),
         })),
     }
     .encode_to_vec();

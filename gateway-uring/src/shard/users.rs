@@ -18,7 +18,7 @@ struct UserKey(Rc<LiveConnection>);
 
 impl UserKey {
     fn user_id(&self) -> &str {
-        &self.0.identity.user_id
+        self.0.identity.user_id()
     }
 }
 
@@ -53,7 +53,7 @@ pub(crate) struct UsersIndex(HashMap<UserKey, Others>);
 
 impl UsersIndex {
     pub(crate) fn insert(&mut self, live: &Rc<LiveConnection>) {
-        match self.0.get_mut(live.identity.user_id.as_str()) {
+        match self.0.get_mut(live.identity.user_id()) {
             Some(others) => others
                 .get_or_insert_with(Box::default)
                 .push(live.connection_id),
@@ -70,7 +70,7 @@ impl UsersIndex {
         live: &LiveConnection,
         connections: &HashMap<u64, Rc<LiveConnection>>,
     ) {
-        let Some((key, mut others)) = self.0.remove_entry(live.identity.user_id.as_str()) else {
+        let Some((key, mut others)) = self.0.remove_entry(live.identity.user_id()) else {
             return;
         };
         if key.0.connection_id != live.connection_id {
@@ -115,19 +115,19 @@ mod tests {
 
     use super::*;
     use crate::auth::Identity;
-    use crate::shard::OutboundQueue;
     use crate::shard::writer::Framing;
+    use crate::shard::{ConnectionIdentity, OutboundQueue};
 
     fn live(connection_id: u64, user: &str) -> Rc<LiveConnection> {
         Rc::new(LiveConnection {
             connection_id,
             queue: OutboundQueue::new(Framing::WebSocket, 8),
-            identity: Identity {
+            identity: ConnectionIdentity::new(&Identity {
                 user_id: user.to_owned(),
                 device_id: format!("device-{connection_id}"),
                 jti: format!("token-{connection_id}"),
                 expires_at: 0,
-            },
+            }),
             connected_at_ms: 0,
             push_binary: Cell::new(false),
             last_active_ms: Cell::new(0),
