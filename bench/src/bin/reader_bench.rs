@@ -80,6 +80,10 @@ struct Args {
     /// How the gRPC cases call the reader.
     #[arg(long, value_enum, default_value_t = Client::H2)]
     grpc_client: Client,
+    /// HTTP/2 connections the `h2` callers spread their calls over (round robin): one
+    /// connection is one task on each side that reads and writes every call's frames.
+    #[arg(long, default_value_t = 1)]
+    grpc_connections: usize,
     /// Cases to run.
     #[arg(
         long,
@@ -234,7 +238,9 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
         .context("reader task")??;
     let bearer = format!("Bearer {}", token(&bob)?);
     let caller = match args.grpc_client {
-        Client::H2 => Caller::H2(GrpcCaller::connect(addr, bearer.parse()?).await?),
+        Client::H2 => Caller::H2(
+            GrpcCaller::connect(addr, bearer.parse()?, args.grpc_connections.max(1)).await?,
+        ),
         Client::Tonic => Caller::Tonic {
             channel: tonic::transport::Channel::from_shared(format!("http://{addr}"))?
                 .connect()
@@ -424,7 +430,7 @@ async fn serve(config: storage_reader::config::Config) -> anyhow::Result<std::ne
         ),
         postgres: stores.postgres.clone(),
         redis,
-        hot: std::sync::Arc::new(config.hot_redis(&stores.redis)?),
+        hot: Arc::new(config.hot_redis(&stores.redis)?),
         mongo: stores.mongo.collection("messages"),
         notifier: storage_reader::notify::Notifier {
             producer: chatify_core::producer::RenewableProducer::new(
@@ -654,7 +660,7 @@ impl Caller {
     }
 }
 
-/// A gRPC unary caller on one HTTP/2 connection driven by the `h2` crate (the HTTP/2 of
+/// A gRPC unary caller on `--grpc-connections` HTTP/2 connections driven by the `h2` crate (the HTTP/2 of
 /// tonic and hyper) directly: the calling task writes the request and reads the response.
 /// tonic's `Channel` passes each call through a `Buffer` worker task, hyper's client task
 /// and a task spawned per call before h2, which made the callers spend about as much CPU
@@ -665,7 +671,8 @@ impl Caller {
 /// in full, as tonic would.
 #[derive(Clone)]
 struct GrpcCaller {
-    send: h2::client::SendRequest<Bytes>,
+    connections: Arc<[h2::client::SendRequest<Bytes>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     authority: hyper::http::uri::Authority,
     authorization: hyper::header::HeaderValue,
 }
@@ -674,22 +681,28 @@ impl GrpcCaller {
     async fn connect(
         addr: std::net::SocketAddr,
         authorization: hyper::header::HeaderValue,
+        connections: usize,
     ) -> anyhow::Result<Self> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        // The windows tonic's client asks for (hyper's defaults): no page waits on them.
-        let (send, connection) = h2::client::Builder::new()
-            .initial_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(5 * 1024 * 1024)
-            .handshake(tcp)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                eprintln!("grpc connection failed: {error}");
-            }
-        });
+        let mut sends = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            // The windows tonic's client asks for (hyper's defaults): no page waits on them.
+            let (send, connection) = h2::client::Builder::new()
+                .initial_window_size(2 * 1024 * 1024)
+                .initial_connection_window_size(5 * 1024 * 1024)
+                .handshake(tcp)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    eprintln!("grpc connection failed: {error}");
+                }
+            });
+            sends.push(send);
+        }
         Ok(Self {
-            send,
+            connections: sends.into(),
+            next: Arc::default(),
             authority: addr.to_string().parse()?,
             authorization,
         })
@@ -716,7 +729,11 @@ impl GrpcCaller {
             .header(hyper::header::TE, "trailers")
             .header(hyper::header::AUTHORIZATION, self.authorization.clone())
             .body(())?;
-        let mut send = self.send.clone().ready().await?;
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut send = self.connections[turn % self.connections.len()]
+            .clone()
+            .ready()
+            .await?;
         let (response, mut stream) = send.send_request(head, false)?;
         stream.send_data(framed.freeze(), true)?;
         let (parts, mut body) = response.await?.into_parts();
