@@ -1,15 +1,15 @@
-//! The shard's connections by user (shard-local), for pushes addressed to users. Keyed by
-//! the table entry of one of the user's connections, whose identity's user id is the key
-//! (no copy of it): most users have one device online, so an entry is that entry's `Rc`
-//! and no list; the ids of the user's other connections on this shard, when there are
-//! any, are in a box beside it.
+//! The shard's connections by user (shard-local), for pushes addressed to users. A set of
+//! the table entry of one connection per user, looked up by that entry's identity's user id
+//! (no copy of it): most users have one device online, so that is one pointer per user. The
+//! ids of a user's other connections on this shard, when there are any, are in a side map
+//! by the id of the user's entry in the set.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 
-use super::LiveConnection;
+use super::{ConnectionTable, LiveConnection};
 
 /// A user's entry, keyed by one of their live connections: hashes and compares as that
 /// connection's user id, so the index is looked up by `&str`.
@@ -43,51 +43,58 @@ impl Borrow<str> for UserKey {
     }
 }
 
-/// The ids of a user's other connections on this shard (beside the key's); `None` for the
-/// usual single device, so that case costs no allocation.
-type Others = Option<Box<Vec<u64>>>;
-
 /// Connections by user id. Every connection in it is also in the shard's table by id.
 #[derive(Debug, Default)]
-pub(crate) struct UsersIndex(HashMap<UserKey, Others>);
+pub(crate) struct UsersIndex {
+    /// One connection per user.
+    users: HashSet<UserKey>,
+    /// A user's other connections, by the id of the user's connection in `users`; only for
+    /// users with more than one connection on this shard.
+    others: HashMap<u64, Vec<u64>>,
+}
 
 impl UsersIndex {
     pub(crate) fn insert(&mut self, live: &Rc<LiveConnection>) {
-        match self.0.get_mut(live.identity.user_id()) {
-            Some(others) => others
-                .get_or_insert_with(Box::default)
+        match self.users.get(live.identity.user_id()) {
+            Some(key) => self
+                .others
+                .entry(key.0.connection_id)
+                .or_default()
                 .push(live.connection_id),
             None => {
-                self.0.insert(UserKey(Rc::clone(live)), None);
+                self.users.insert(UserKey(Rc::clone(live)));
             }
         }
     }
 
-    /// Takes `live` out. When it was the key of its user's entry, another connection of the
-    /// user (looked up in `connections`, the shard's table without `live`) becomes the key.
-    pub(crate) fn remove(
-        &mut self,
-        live: &LiveConnection,
-        connections: &HashMap<u64, Rc<LiveConnection>>,
-    ) {
-        let Some((key, mut others)) = self.0.remove_entry(live.identity.user_id()) else {
+    /// Takes `live` out. When it was its user's connection in the set, another connection
+    /// of the user (looked up in `connections`, the shard's table without `live`) takes
+    /// its place.
+    pub(crate) fn remove(&mut self, live: &LiveConnection, connections: &ConnectionTable) {
+        let Some(key) = self.users.take(live.identity.user_id()) else {
             return;
         };
-        if key.0.connection_id != live.connection_id {
-            if let Some(ids) = others.as_mut() {
+        let key_id = key.0.connection_id;
+        if key_id != live.connection_id {
+            self.users.insert(key);
+            if let Some(ids) = self.others.get_mut(&key_id) {
                 ids.retain(|id| *id != live.connection_id);
+                if ids.is_empty() {
+                    self.others.remove(&key_id);
+                }
             }
-            self.0.insert(key, others.filter(|ids| !ids.is_empty()));
             return;
         }
         drop(key);
-        let Some(mut ids) = others else {
+        let Some(mut ids) = self.others.remove(&key_id) else {
             return;
         };
         while let Some(id) = ids.pop() {
             if let Some(next) = connections.get(&id) {
-                let others = Some(ids).filter(|ids| !ids.is_empty());
-                self.0.insert(UserKey(Rc::clone(next)), others);
+                self.users.insert(UserKey(Rc::clone(next)));
+                if !ids.is_empty() {
+                    self.others.insert(id, ids);
+                }
                 return;
             }
         }
@@ -95,9 +102,9 @@ impl UsersIndex {
 
     /// Appends the ids of `user`'s connections on this shard to `targets`.
     pub(crate) fn connections_of(&self, user: &str, targets: &mut Vec<u64>) {
-        if let Some((key, others)) = self.0.get_key_value(user) {
+        if let Some(key) = self.users.get(user) {
             targets.push(key.0.connection_id);
-            if let Some(ids) = others {
+            if let Some(ids) = self.others.get(&key.0.connection_id) {
                 targets.extend_from_slice(ids);
             }
         }
@@ -105,7 +112,8 @@ impl UsersIndex {
 
     #[cfg(test)]
     fn users(&self) -> usize {
-        self.0.len()
+        assert!(self.others.len() <= self.users.len());
+        self.users.len()
     }
 }
 
@@ -139,7 +147,7 @@ mod tests {
     /// A shard table and its index, changed together as `Shard` does.
     #[derive(Default)]
     struct Tables {
-        connections: HashMap<u64, Rc<LiveConnection>>,
+        connections: ConnectionTable,
         users: UsersIndex,
     }
 
@@ -147,7 +155,7 @@ mod tests {
         fn add(&mut self, connection_id: u64, user: &str) {
             let live = live(connection_id, user);
             self.users.insert(&live);
-            self.connections.insert(connection_id, live);
+            self.connections.insert(live);
         }
 
         fn drop_connection(&mut self, connection_id: u64) {
