@@ -132,6 +132,24 @@ async fn read_more<R: AsyncReadRent>(
     }
 }
 
+/// A connection's task from its start (the handshake or authentication, boxed so it is
+/// freed at admission) to the end of the frame loop `start` yields, if any. Not an `async`
+/// block: one keeps room for its captures for its whole life, and
+/// `if let Some(frame_loop) = start.await { frame_loop.await }` keeps the frame loop twice
+/// (the awaited result and the future being polled); `flatten` keeps it once.
+pub(super) fn boxed_start_then<L>(
+    start: impl Future<Output = Option<L>>,
+) -> impl Future<Output = ()>
+where
+    L: Future<Output = ()>,
+{
+    use futures::FutureExt as _;
+    Box::pin(start)
+        .map(futures::future::OptionFuture::from)
+        .flatten()
+        .map(|_: Option<()>| ())
+}
+
 /// After the decoder took every whole frame: an emptied buffer goes back to the pool, so
 /// the connection holds one only while a frame spans reads.
 pub(super) fn release_read_buffer(shard: &Shard, held: &mut Option<BytesMut>) {

@@ -4,8 +4,6 @@
 
 use std::future::Future;
 
-use futures::FutureExt as _;
-use futures::future::OptionFuture;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -45,10 +43,7 @@ fn error_frame(code: ErrorCode, reason: &str) -> Bytes {
 /// until it is split) is boxed and freed once the connection is admitted (see
 /// `ws_conn::serve`).
 pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
-    Box::pin(start(shard, stream))
-        .map(OptionFuture::from)
-        .flatten()
-        .map(|_: Option<()>| ())
+    lifecycle::boxed_start_then(start(shard, stream))
 }
 
 /// The authentication of [`serve`]; the frame loop of the admitted connection, or `None`

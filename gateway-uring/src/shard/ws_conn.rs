@@ -5,8 +5,6 @@
 
 use std::future::Future;
 
-use futures::FutureExt as _;
-use futures::future::OptionFuture;
 use std::rc::Rc;
 
 use bytes::{Buf as _, BytesMut};
@@ -29,15 +27,10 @@ const TRY_IT_PAGE: &str = include_str!("../../static/index.html");
 /// The connection's task. Its allocation lives as long as the connection, so it is sized
 /// for the frame loop: the handshake ([`start`]: HTTP parsing, the Redis admission, the
 /// answers, and the stream itself, 80 B with its cached addresses) is boxed and freed once
-/// the connection is admitted, and then the task holds only the frame loop. Not an `async`
-/// block: one keeps room for its captures for its whole life, and
-/// `if let Some(frame_loop) = start(..).await { frame_loop.await }` keeps the frame loop
-/// twice (the awaited result and the future being polled); `flatten` keeps it once.
+/// the connection is admitted, and then the task holds only the frame loop
+/// ([`lifecycle::boxed_start_then`]).
 pub(super) fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl Future<Output = ()> {
-    Box::pin(start(shard, stream))
-        .map(OptionFuture::from)
-        .flatten()
-        .map(|_: Option<()>| ())
+    lifecycle::boxed_start_then(start(shard, stream))
 }
 
 /// The handshake of [`serve`]; the frame loop of the admitted connection, or `None` when
