@@ -5,6 +5,9 @@
 #   gateway        gateway-uring, io_uring, CHATIFY_SHARDS=1 (one server core)
 #   gateway-epoll  gateway-uring, monoio's epoll driver (CHATIFY_IO_DRIVER=legacy), 1 shard
 #   gateway-2core  gateway-uring, io_uring, CHATIFY_SHARDS=2, not pinned (both cores)
+#   gateway-signal, gateway-coop
+#                  gateway with CHATIFY_URING_TASKRUN=signal (the kernel's default: an IPI per
+#                  completion queued from the other core) / coop; `gateway` runs the default, defer
 #   gateway-before, gateway-epoll-before
 #                  the same as gateway / gateway-epoll with the binary GATEWAY_BEFORE_BIN (an
 #                  earlier build, for before/after comparisons in one run)
@@ -59,9 +62,11 @@ start_server() {
     local name=$1 port=$2 log=$3 node_id=${4:-gw-bench}
     local pin=(taskset -c "$SERVER_CPU")
     case "$name" in
-        gateway | gateway-epoll | gateway-2core | gateway-before | gateway-epoll-before)
+        gateway | gateway-epoll | gateway-2core | gateway-before | gateway-epoll-before | gateway-signal | gateway-coop)
             : "${REDIS_URL:?REDIS_URL must be set (the gateway checks the token deny-list in Redis)}"
-            local driver=uring shards=1 binary=$BIN/gateway-uring
+            local driver=uring shards=1 binary=$BIN/gateway-uring taskrun=defer
+            [[ $name == gateway-signal ]] && taskrun=signal
+            [[ $name == gateway-coop ]] && taskrun=coop
             if [[ $name == *-before ]]; then
                 binary=${GATEWAY_BEFORE_BIN:?GATEWAY_BEFORE_BIN must name the earlier gateway-uring binary}
             fi
@@ -69,7 +74,7 @@ start_server() {
             [[ $name == gateway-2core ]] && { shards=2; pin=(); }
             CHATIFY_NODE_ID=$node_id CHATIFY_WS_ADDR=127.0.0.1:$port \
                 CHATIFY_TCP_ADDR=127.0.0.1:$((port + 1000)) CHATIFY_ADMIN_ADDR=127.0.0.1:$((port + 2000)) \
-                CHATIFY_SHARDS=$shards CHATIFY_IO_DRIVER=$driver RUST_LOG=warn \
+                CHATIFY_SHARDS=$shards CHATIFY_IO_DRIVER=$driver CHATIFY_URING_TASKRUN=$taskrun RUST_LOG=warn \
                 "${pin[@]}" "$binary" >"$log" 2>&1 &
             ;;
         tungstenite)
@@ -97,6 +102,8 @@ server_label() {
         gateway) echo "gateway-uring io_uring, 1 shard" ;;
         gateway-epoll) echo "gateway-uring epoll, 1 shard" ;;
         gateway-2core) echo "gateway-uring io_uring, 2 shards, both cores" ;;
+        gateway-signal) echo "gateway-uring io_uring, 1 shard, task run: signal" ;;
+        gateway-coop) echo "gateway-uring io_uring, 1 shard, task run: coop" ;;
         gateway-before) echo "gateway-uring io_uring, 1 shard, before (GATEWAY_BEFORE_BIN)" ;;
         gateway-epoll-before) echo "gateway-uring epoll, 1 shard, before (GATEWAY_BEFORE_BIN)" ;;
         tungstenite) echo "tokio + tokio-tungstenite" ;;

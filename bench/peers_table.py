@@ -10,6 +10,8 @@ LABELS = {
     "gateway": "gateway-uring io_uring, 1 shard",
     "gateway-epoll": "gateway-uring epoll, 1 shard",
     "gateway-2core": "gateway-uring io_uring, 2 shards (both cores, shared with the client)",
+    "gateway-signal": "gateway-uring io_uring, 1 shard, task run: signal (kernel default)",
+    "gateway-coop": "gateway-uring io_uring, 1 shard, task run: coop",
     "gateway-before": "gateway-uring io_uring, 1 shard, before (GATEWAY_BEFORE_BIN)",
     "gateway-epoll-before": "gateway-uring epoll, 1 shard, before (GATEWAY_BEFORE_BIN)",
     "tungstenite": "tokio + tokio-tungstenite",
@@ -17,7 +19,8 @@ LABELS = {
     "node-ws": "Node ws",
     "uws": "uWebSockets.js",
 }
-GATEWAYS = ("gateway", "gateway-epoll", "gateway-2core", "gateway-before", "gateway-epoll-before")
+GATEWAYS = ("gateway", "gateway-epoll", "gateway-2core", "gateway-before", "gateway-epoll-before",
+            "gateway-signal", "gateway-coop")
 
 
 def load(results, server, kind, runs):

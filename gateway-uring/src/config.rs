@@ -41,6 +41,17 @@ pub struct Config {
     /// I/O driver of the shards: io_uring, the epoll fallback, or io_uring when available.
     #[arg(long, env = "CHATIFY_IO_DRIVER", value_enum, default_value = "auto")]
     pub io_driver: IoDriver,
+    /// How io_uring runs its completion work for a shard (io_uring driver only): `defer`
+    /// (default) only when the shard waits for completions, `coop` when it next enters the
+    /// kernel, `signal` at once, interrupting the shard (the kernel's default). A kernel
+    /// that refuses the mode asked for gets the next one in that order.
+    #[arg(
+        long,
+        env = "CHATIFY_URING_TASKRUN",
+        value_enum,
+        default_value = "defer"
+    )]
+    pub uring_taskrun: UringTaskRun,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
@@ -184,6 +195,36 @@ pub enum IoDriver {
     Legacy,
 }
 
+/// When a shard's io_uring runs the work that completes its operations (a receive whose
+/// bytes arrived from another core, say). The kernel's default interrupts the shard's thread
+/// with an inter-processor interrupt each time such work is queued from another core: under
+/// the ping load that was ≈ 15 % of the shard's samples, and `defer` spends ≈ 20 % less CPU
+/// per pong than `signal` (docs/BENCHMARKS.md, "io_uring task work"). A shard enters the
+/// kernel on every turn of its loop anyway (to submit, or to wait), so batching the work
+/// there costs it nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UringTaskRun {
+    /// `IORING_SETUP_DEFER_TASKRUN` + `SINGLE_ISSUER` (Linux 6.1): the work runs only when
+    /// the shard waits for completions, in one batch.
+    Defer,
+    /// `IORING_SETUP_COOP_TASKRUN` + `SINGLE_ISSUER` (Linux 6.0): no interrupt; the work
+    /// runs on the shard's next entry to the kernel.
+    Coop,
+    /// The kernel's default: an interrupt per piece of work queued from another core.
+    Signal,
+}
+
+impl UringTaskRun {
+    /// The mode to try when the kernel refuses this one.
+    pub fn fallback(self) -> Option<Self> {
+        match self {
+            Self::Defer => Some(Self::Coop),
+            Self::Coop => Some(Self::Signal),
+            Self::Signal => None,
+        }
+    }
+}
+
 /// Every bound of the gateway; each one is what creates backpressure or a clear refusal.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Limits {
@@ -267,6 +308,7 @@ impl std::fmt::Debug for Config {
             .field("tcp_addr", &self.tcp_addr)
             .field("shards", &self.shards)
             .field("io_driver", &self.io_driver)
+            .field("uring_taskrun", &self.uring_taskrun)
             .field("limits", &self.limits)
             .field("cluster", &self.cluster)
             .finish()

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 ws_addr: config.ws_addr,
                 tcp_addr: config.tcp_addr,
                 io_driver: config.io_driver,
+                uring_taskrun: config.uring_taskrun,
                 limits: config.limits,
                 auth: auth.clone(),
                 redis: redis.clone(),

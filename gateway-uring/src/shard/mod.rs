@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::auth::{Authenticator, Identity};
-use crate::config::{IoDriver, Limits};
+use crate::config::{IoDriver, Limits, UringTaskRun};
 use crate::handler::ClusterHandler;
 use crate::push::PushItem;
 use crate::reader_bridge::ReaderBridge;
@@ -131,6 +131,7 @@ pub struct ShardSetup {
     pub ws_addr: SocketAddr,
     pub tcp_addr: SocketAddr,
     pub io_driver: IoDriver,
+    pub uring_taskrun: UringTaskRun,
     pub limits: Limits,
     pub auth: Authenticator,
     pub redis: RedisBridge,
@@ -365,7 +366,7 @@ pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
             if let Err(error) = monoio::utils::bind_to_cpu_set([setup.index % cores]) {
                 tracing::warn!(shard = setup.index, ?error, "cannot pin shard to a core");
             }
-            let driver = setup.io_driver;
+            let driver = (setup.io_driver, setup.uring_taskrun);
             run_on_driver(driver, setup.index, move || {
                 run_shard(setup, ws_listener, tcp_listener, commands)
             })
@@ -390,7 +391,11 @@ fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Runs `shard` on the requested monoio driver, logging which one it got.
-fn run_on_driver<F, Fut>(driver: IoDriver, index: usize, shard: F) -> std::io::Result<()>
+fn run_on_driver<F, Fut>(
+    (driver, taskrun): (IoDriver, UringTaskRun),
+    index: usize,
+    shard: F,
+) -> std::io::Result<()>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<()>>,
@@ -407,18 +412,57 @@ where
         IoDriver::Legacy => false,
     };
     if use_uring {
-        tracing::info!(shard = index, driver = "io_uring", "shard started");
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(URING_ENTRIES)
-            .enable_timer()
-            .build()?
-            .block_on(shard())
+        let (mut runtime, taskrun) = uring_runtime(taskrun)?;
+        tracing::info!(
+            shard = index,
+            driver = "io_uring",
+            ?taskrun,
+            "shard started"
+        );
+        runtime.block_on(shard())
     } else {
         tracing::info!(shard = index, driver = "epoll", "shard started");
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()?
             .block_on(shard())
+    }
+}
+
+type UringRuntime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+
+/// A shard's io_uring runtime with the task-run mode asked for; a kernel that refuses the
+/// mode's setup flags (older than 6.1 / 6.0) gets the next mode ([`UringTaskRun::fallback`]),
+/// and the mode it got is returned.
+pub(crate) fn uring_runtime(
+    mut taskrun: UringTaskRun,
+) -> std::io::Result<(UringRuntime, UringTaskRun)> {
+    loop {
+        let mut setup = io_uring::IoUring::builder();
+        match taskrun {
+            // The ring is only ever used from its shard's thread, which SINGLE_ISSUER
+            // promises the kernel (and DEFER_TASKRUN requires).
+            UringTaskRun::Defer => {
+                setup.setup_defer_taskrun().setup_single_issuer();
+            }
+            UringTaskRun::Coop => {
+                setup.setup_coop_taskrun().setup_single_issuer();
+            }
+            UringTaskRun::Signal => {}
+        }
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .uring_builder(setup)
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build();
+        match (built, taskrun.fallback()) {
+            (Ok(runtime), _) => return Ok((runtime, taskrun)),
+            (Err(error), Some(next)) => {
+                tracing::warn!(?taskrun, %error, ?next, "io_uring refused the task-run setup");
+                taskrun = next;
+            }
+            (Err(error), None) => return Err(error),
+        }
     }
 }
 
