@@ -12,7 +12,7 @@
 //! The clients are deliberately minimal (a raw WebSocket handshake, then reading frame
 //! headers) so 10k+ connections per process cost little memory and CPU.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -521,10 +521,23 @@ impl Drop for Process {
     }
 }
 
+/// A loopback port nothing listens on now, never one this process handed out before: the
+/// kernel may give the same free port to two probes in a row (the probe's listener is
+/// closed before the port is used), which once started two gateways on one port.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port not handed out before in 100 probes")
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
