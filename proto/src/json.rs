@@ -28,12 +28,26 @@ pub fn decode_client_frame(json: &[u8]) -> Result<client_frame::Frame, JsonFrame
     Ok(serde_json::from_slice(json)?)
 }
 
-/// The gateway's hot path: parses a client text frame with simd-json, which uses `json` as
-/// scratch space (its contents are garbage afterwards).
+/// simd-json's working memory (the padded input copy, structural indexes, string and stack
+/// buffers), kept between parses by [`decode_client_frame_with_buffers`].
+pub use simd_json::Buffers as JsonBuffers;
+
+/// Parses a client text frame with simd-json, which uses `json` as scratch space (its
+/// contents are garbage afterwards). Allocates simd-json's working memory for this one
+/// parse; the gateway keeps it instead ([`decode_client_frame_with_buffers`]).
 pub fn decode_client_frame_in_place(
     json: &mut [u8],
 ) -> Result<client_frame::Frame, JsonFrameError> {
     Ok(simd_json::serde::from_slice(json)?)
+}
+
+/// The gateway's hot path: [`decode_client_frame_in_place`] with simd-json's working memory
+/// reused from earlier parses (one set per shard), so a frame costs no allocations for it.
+pub fn decode_client_frame_with_buffers(
+    json: &mut [u8],
+    buffers: &mut JsonBuffers,
+) -> Result<client_frame::Frame, JsonFrameError> {
+    Ok(simd_json::serde::from_slice_with_buffers(json, buffers)?)
 }
 
 /// Encodes a client frame as JSON (used by clients such as loadgen).
@@ -264,6 +278,22 @@ mod tests {
                 decode_client_frame_in_place(&mut scratch).expect(json),
                 decode_client_frame(json.as_bytes()).expect(json)
             );
+        }
+        // One set of buffers across frames of different sizes, a bad one in between.
+        let mut buffers = JsonBuffers::default();
+        for json in [
+            r#"{"type":"ping","timestamp":1}"#,
+            r#"{"type":"send","client_msg_id":"c1","receiver_id":"u2","message_type":"text","content":"{\"t\":\"a much longer content than the ping before it, to grow every buffer\"}"}"#,
+            r#"{"type":"send","message_type":"x"}"#,
+            "not json",
+            r#"{"type":"ping","timestamp":2}"#,
+        ] {
+            let mut scratch = json.as_bytes().to_vec();
+            let reused = decode_client_frame_with_buffers(&mut scratch, &mut buffers);
+            match decode_client_frame(json.as_bytes()) {
+                Ok(expected) => assert_eq!(reused.expect(json), expected),
+                Err(_) => assert!(reused.is_err(), "{json}"),
+            }
         }
         for bad in [
             &b"not json"[..],

@@ -24,13 +24,23 @@ const JSON_SCRATCH_BYTES: usize = 4 * 1024;
 
 /// Free buffers of one shard. Shard-local (`RefCell`): only the shard's own tasks take and
 /// return buffers, never across an await while borrowed.
-#[derive(Debug)]
 pub(crate) struct BufferPool {
     free: RefCell<Vec<BytesMut>>,
     /// Where simd-json parses text frames in place (it overwrites its input, so the payload
     /// is copied here first). One per shard: parsing is synchronous, so no two connections
     /// of a shard ever use it at once.
     json_scratch: RefCell<Vec<u8>>,
+    /// simd-json's working memory for those parses, kept so a frame allocates none (it grows
+    /// with the scratch buffer, to the largest text frame seen).
+    json_buffers: RefCell<chatify_proto::json::JsonBuffers>,
+}
+
+impl std::fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("free", &self.free.try_borrow().map(|free| free.len()).ok())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for BufferPool {
@@ -38,6 +48,7 @@ impl Default for BufferPool {
         Self {
             free: RefCell::new(Vec::with_capacity(POOLED_BUFFERS_MAX)),
             json_scratch: RefCell::new(Vec::with_capacity(JSON_SCRATCH_BYTES)),
+            json_buffers: RefCell::new(chatify_proto::json::JsonBuffers::new(JSON_SCRATCH_BYTES)),
         }
     }
 }
@@ -63,16 +74,17 @@ impl BufferPool {
         }
     }
 
-    /// Runs `parse` on a copy of `payload` in the shard's JSON scratch buffer.
+    /// Runs `parse` on a copy of `payload` in the shard's JSON scratch buffer, with the
+    /// shard's simd-json working memory.
     pub(crate) fn with_json_scratch<T>(
         &self,
         payload: &[u8],
-        parse: impl FnOnce(&mut [u8]) -> T,
+        parse: impl FnOnce(&mut [u8], &mut chatify_proto::json::JsonBuffers) -> T,
     ) -> T {
         let mut scratch = self.json_scratch.borrow_mut();
         scratch.clear();
         scratch.extend_from_slice(payload);
-        parse(&mut scratch)
+        parse(&mut scratch, &mut self.json_buffers.borrow_mut())
     }
 
     #[cfg(test)]
@@ -120,7 +132,7 @@ mod tests {
     fn json_is_parsed_in_a_copy() {
         let pool = BufferPool::default();
         let payload = b"{\"a\":1}".to_vec();
-        let seen = pool.with_json_scratch(&payload, |scratch| {
+        let seen = pool.with_json_scratch(&payload, |scratch, _| {
             scratch[0] = b'X';
             scratch.len()
         });

@@ -202,9 +202,10 @@ fn on_message(
     match message {
         ws::Message::Text(payload) => {
             // simd-json parses in place: in the shard's scratch copy of the payload.
-            let frame = shard
-                .buffers
-                .with_json_scratch(&payload, chatify_proto::json::decode_client_frame_in_place);
+            let frame = shard.buffers.with_json_scratch(
+                &payload,
+                chatify_proto::json::decode_client_frame_with_buffers,
+            );
             match frame {
                 Ok(frame) => connection.on_frame(shard, Transport::WebSocketText, frame),
                 Err(_) => Err(CloseReason::new(1007, "invalid json frame")),
