@@ -1,9 +1,9 @@
 //! The shard's I/O buffers (shard-local): one bounded pool of read and write buffers that
 //! connections borrow only while bytes are in hand, and the one JSON scratch buffer (with
-//! simd-json's working memory) every text frame of the shard is parsed in. An idle connection holds no buffer at all: it
-//! waits for its socket to become readable with a zero-length read (see
-//! [`super::lifecycle::wait_readable`]) and for its outbound queue to fill, and borrows a
-//! buffer only then. So memory follows the bytes in flight, not the connections open.
+//! simd-json's working memory) every text frame of the shard is parsed in. An idle
+//! connection holds no buffer at all: it waits for its socket to become readable with a
+//! zero-length read (see [`super::lifecycle::wait_readable`]) and for its outbound queue to
+//! fill, and borrows a buffer only then. So memory follows the bytes in flight, not the connections open.
 
 use std::cell::RefCell;
 

@@ -366,8 +366,8 @@ pub fn spawn(setup: ShardSetup) -> std::io::Result<ShardHandle> {
             if let Err(error) = monoio::utils::bind_to_cpu_set([setup.index % cores]) {
                 tracing::warn!(shard = setup.index, ?error, "cannot pin shard to a core");
             }
-            let driver = (setup.io_driver, setup.uring_taskrun);
-            run_on_driver(driver, setup.index, move || {
+            let (driver, taskrun) = (setup.io_driver, setup.uring_taskrun);
+            run_on_driver(driver, taskrun, setup.index, move || {
                 run_shard(setup, ws_listener, tcp_listener, commands)
             })
         })?;
@@ -392,7 +392,8 @@ fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Runs `shard` on the requested monoio driver, logging which one it got.
 fn run_on_driver<F, Fut>(
-    (driver, taskrun): (IoDriver, UringTaskRun),
+    driver: IoDriver,
+    taskrun: UringTaskRun,
     index: usize,
     shard: F,
 ) -> std::io::Result<()>
