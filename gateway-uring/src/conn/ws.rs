@@ -569,24 +569,31 @@ enum Fragmented {
     Binary,
 }
 
+/// A fragmented data message being reassembled: boxed in the decoder, so the decoder every
+/// idle WebSocket's task holds is 16 B and pays for this only while a message is in pieces.
+#[derive(Debug)]
+struct Fragments {
+    kind: Fragmented,
+    /// Payload of the message so far.
+    payload: BytesMut,
+    /// Leading bytes of `payload` known to be complete, valid UTF-8 (text only), so each
+    /// byte is validated once and an invalid prefix fails before the message ends. `u32`:
+    /// `payload` never grows past `message_bytes_max`, itself a `u32`.
+    utf8_valid_bytes: u32,
+}
+
 /// Turns the client's byte stream into messages: checks every RFC 6455 rule a server must,
 /// unmasks in place, and hands out payloads split off the read buffer.
 ///
 /// After an error the decoder's state is unspecified; the connection is to be closed.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    /// The limits and the UTF-8 mark are `u32` because every idle WebSocket's task holds a
-    /// decoder (a limit above 4 GiB acts as 4 GiB).
+    /// The limits are `u32` because every idle WebSocket's task holds a decoder (a limit
+    /// above 4 GiB acts as 4 GiB).
     frame_bytes_max: u32,
     message_bytes_max: u32,
     /// The data message whose first fragment has arrived but not its last.
-    fragmented: Option<Fragmented>,
-    /// Payload of that message so far. Empty (no allocation) between fragmented messages:
-    /// the finished message takes the whole allocation, so an idle connection holds none.
-    fragments: BytesMut,
-    /// Leading bytes of `fragments` known to be complete, valid UTF-8 (text only), so each
-    /// byte is validated once and an invalid prefix fails before the message ends.
-    utf8_valid_bytes: u32,
+    fragmented: Option<Box<Fragments>>,
 }
 
 impl FrameDecoder {
@@ -597,8 +604,6 @@ impl FrameDecoder {
             frame_bytes_max: u32::try_from(frame_bytes_max).unwrap_or(u32::MAX),
             message_bytes_max: u32::try_from(message_bytes_max).unwrap_or(u32::MAX),
             fragmented: None,
-            fragments: BytesMut::new(),
-            utf8_valid_bytes: 0,
         }
     }
 
@@ -631,10 +636,17 @@ impl FrameDecoder {
                 }
                 Opcode::Binary if header.fin => Message::Binary(payload.freeze()),
                 Opcode::Text | Opcode::Binary | Opcode::Continuation => {
-                    if header.opcode == Opcode::Text {
-                        self.fragmented = Some(Fragmented::Text);
-                    } else if header.opcode == Opcode::Binary {
-                        self.fragmented = Some(Fragmented::Binary);
+                    let kind = match header.opcode {
+                        Opcode::Text => Some(Fragmented::Text),
+                        Opcode::Binary => Some(Fragmented::Binary),
+                        _ => None,
+                    };
+                    if let Some(kind) = kind {
+                        self.fragmented = Some(Box::new(Fragments {
+                            kind,
+                            payload: BytesMut::new(),
+                            utf8_valid_bytes: 0,
+                        }));
                     }
                     match self.push_fragment(&payload, header.fin)? {
                         Some(message) => message,
@@ -658,12 +670,12 @@ impl FrameDecoder {
         if header.payload_bytes > frame_bytes_max {
             return Err(WsError::FrameTooBig);
         }
-        match (header.opcode, self.fragmented) {
+        match (header.opcode, self.fragmented.as_deref()) {
             (Opcode::Continuation, None) => Err(WsError::ContinuationWithoutMessage),
             (Opcode::Text | Opcode::Binary, Some(_)) => Err(WsError::MessageInterrupted),
-            (Opcode::Continuation, Some(_))
+            (Opcode::Continuation, Some(fragments))
                 if header.payload_bytes
-                    > message_bytes_max.saturating_sub(self.fragments.len()) =>
+                    > message_bytes_max.saturating_sub(fragments.payload.len()) =>
             {
                 Err(WsError::MessageTooBig)
             }
@@ -676,31 +688,38 @@ impl FrameDecoder {
 
     /// Appends one fragment; returns the message when it was the last one.
     fn push_fragment(&mut self, payload: &[u8], fin: bool) -> Result<Option<Message>, WsError> {
-        self.fragments.extend_from_slice(payload);
-        let kind = self.fragmented.ok_or(WsError::ContinuationWithoutMessage)?;
-        if kind == Fragmented::Text {
-            self.validate_utf8(fin)?;
+        let fragments = self
+            .fragmented
+            .as_deref_mut()
+            .ok_or(WsError::ContinuationWithoutMessage)?;
+        fragments.payload.extend_from_slice(payload);
+        if fragments.kind == Fragmented::Text {
+            fragments.validate_utf8(fin)?;
         }
         if !fin {
             return Ok(None);
         }
-        self.fragmented = None;
-        self.utf8_valid_bytes = 0;
-        let payload = std::mem::take(&mut self.fragments).freeze();
+        let Fragments { kind, payload, .. } = *self
+            .fragmented
+            .take()
+            .ok_or(WsError::ContinuationWithoutMessage)?;
+        let payload = payload.freeze();
         Ok(Some(match kind {
             Fragmented::Text => Message::Text(payload),
             Fragmented::Binary => Message::Binary(payload),
         }))
     }
+}
 
-    /// Validates the bytes of `fragments` not yet known good; an incomplete character at the
+impl Fragments {
+    /// Validates the bytes of `payload` not yet known good; an incomplete character at the
     /// end is fine until the last fragment.
     fn validate_utf8(&mut self, fin: bool) -> Result<(), WsError> {
-        // Both fit in u32: `fragments` never grows past `message_bytes_max`.
+        // Both fit in u32: `payload` never grows past `message_bytes_max`.
         let valid = self.utf8_valid_bytes as usize;
-        let unchecked = &self.fragments[valid..];
+        let unchecked = &self.payload[valid..];
         match simdutf8::compat::from_utf8(unchecked) {
-            Ok(_) => self.utf8_valid_bytes = self.fragments.len() as u32,
+            Ok(_) => self.utf8_valid_bytes = self.payload.len() as u32,
             Err(error) if error.error_len().is_none() && !fin => {
                 self.utf8_valid_bytes = (valid + error.valid_up_to()) as u32;
             }
@@ -1353,7 +1372,8 @@ mod tests {
             Ok(vec![Message::Text("Hello".into())])
         );
         // An idle connection's decoder holds no reassembly storage.
-        assert_eq!(decoder.fragments.capacity(), 0);
+        assert!(decoder.fragmented.is_none());
+        assert_eq!(std::mem::size_of::<FrameDecoder>(), 16);
     }
 
     #[test]

@@ -327,9 +327,12 @@ impl Admitted {
     /// waits for the other and an idle connection's task is only that pending zero-length
     /// read. `on_bytes` decodes and handles every whole frame of what was read (`Err` closes
     /// the connection with that reason); `held` is what the client sent after the
-    /// handshake. Then the close (a close frame on WebSocket; TCP just ends) goes out after
-    /// what is queued, and the connection leaves the shard's tables, its route is removed
-    /// and its slot freed.
+    /// handshake. A frame that spans reads keeps its bytes in the boxed read that fetches
+    /// the rest (straight into the spare room after it, no readiness wait first), never in
+    /// the task itself, so the task has no room for a buffer it holds only while busy.
+    /// Then the close (a close frame on WebSocket; TCP just ends) goes out after what is
+    /// queued, and the connection leaves the shard's tables, its route is removed and its
+    /// slot freed.
     /// Not an `async fn` (see `ws_conn::serve`): the future uses what it captures in place.
     pub(super) fn run(
         self,
@@ -339,21 +342,28 @@ impl Admitted {
         held: Option<BytesMut>,
         on_bytes: impl FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>,
     ) -> impl Future<Output = ()> {
+        // What the client sent after the handshake is decoded first, as if just read.
+        let (reading, reader): (Option<ReadInFlight<_>>, _) = match held {
+            Some(held) => (
+                Some(Box::pin(std::future::ready((reader, Some(held))))),
+                None,
+            ),
+            None => (None, Some(reader)),
+        };
         let mut open = Open {
             shard,
             admitted: self,
             writes: WriteSide::new(sink),
-            held,
-            reading: None,
+            reading,
             on_bytes,
         };
-        let mut reader = Some(reader);
+        let mut reader = reader;
         async move {
             // Pinned here, outside `open`: polling it needs it pinned, and `open` is not.
             let mut waiting = std::pin::pin!(None);
             let close = loop {
-                if let Err(close) = open.on_read() {
-                    break close;
+                if open.admitted.live.queue.is_finished() {
+                    break CloseReason::new(1000, "write side closed");
                 }
                 if let Some(reader) = reader.take() {
                     waiting.set(Some(wait_step(reader)));
@@ -363,12 +373,24 @@ impl Admitted {
                 let Some((returned, buffer)) = read else {
                     break heartbeat_timed_out();
                 };
-                reader = Some(returned);
-                if buffer.is_none() {
+                // On a close the read half goes with `returned`: the read side ends first.
+                let Some(mut buffer) = buffer else {
                     break CloseReason::new(1000, "peer gone");
-                }
-                open.held = buffer;
+                };
                 open.admitted.live.last_active_ms.set(unix_now_ms());
+                if let Err(close) = (open.on_bytes)(&open.shard, &mut buffer) {
+                    open.shard.buffers.give(buffer);
+                    break close;
+                }
+                if buffer.is_empty() {
+                    // Every whole frame taken: the buffer goes back to the pool.
+                    open.shard.buffers.give(buffer);
+                    reader = Some(returned);
+                } else {
+                    // A frame spans reads: fetch the rest into the same buffer.
+                    let read = read_into(Rc::clone(&open.shard), returned, Some(buffer));
+                    open.reading = Some(Box::pin(read));
+                }
             };
             // The read side goes first, so the socket closes as soon as the write side is
             // done.
@@ -394,27 +416,13 @@ struct Open<F> {
     shard: Rc<Shard>,
     admitted: Admitted,
     writes: WriteSide<OwnedWriteHalf<TcpStream>>,
-    /// What was read and not yet decoded (a frame spanning reads), if anything.
-    held: Option<BytesMut>,
-    /// The boxed [`read_into`] after the readiness wait said bytes are there.
+    /// The boxed [`read_into`] after the readiness wait said bytes are there, or while a
+    /// frame spans reads (its bytes so far are in it).
     reading: Option<ReadInFlight<OwnedReadHalf<TcpStream>>>,
     on_bytes: F,
 }
 
-impl<F: FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>> Open<F> {
-    /// Decodes and handles what was read, then gives an emptied buffer back. `Err`: close.
-    fn on_read(&mut self) -> Result<(), CloseReason> {
-        let shard = &*self.shard;
-        if let Some(buffer) = self.held.as_mut() {
-            (self.on_bytes)(shard, buffer)?;
-        }
-        release_read_buffer(shard, &mut self.held);
-        if self.admitted.live.queue.is_finished() {
-            return Err(CloseReason::new(1000, "write side closed"));
-        }
-        Ok(())
-    }
-
+impl<F> Open<F> {
     /// Drives the write side and the read side together. Ready with `None` when the
     /// heartbeat expired (no timer per connection: the shard's sweep sets
     /// `heartbeat_expired` and wakes the task through the queue's waker), with the read
@@ -444,17 +452,15 @@ impl<F: FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>> Open<F> {
             if !readable {
                 return Poll::Ready(Some((reader, None)));
             }
-            let read = read_into(Rc::clone(&self.shard), reader, self.held.take());
+            let read = read_into(Rc::clone(&self.shard), reader, None);
             self.reading = Some(Box::pin(read));
         }
     }
 
-    /// Ends the read side and asks the write side to send the close after what is queued.
+    /// Ends the read side (a frame in progress goes with it) and asks the write side to
+    /// send the close after what is queued.
     fn close(&mut self, close: CloseReason) {
         drop(self.reading.take());
-        if let Some(buffer) = self.held.take() {
-            self.shard.buffers.give(buffer);
-        }
         // Every close of an admitted connection, by its reason (a bounded set of static
         // strings): the one place that says why connections went away.
         metrics::counter!("chatify_gateway_closes_total", "reason" => close.reason).increment(1);
