@@ -8,13 +8,13 @@
 //! no task.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt as _;
+use thin_vec::ThinVec;
 
 use super::Shard;
 use crate::conn::{tcp, ws};
@@ -42,19 +42,26 @@ enum Outbound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
+/// The queue's state: 48 B, part of every connection's entry in the shard's table (the
+/// entry fits mimalloc's 128 B size class; see `shard::tests::connection_task_sizes`).
 #[derive(Debug)]
 struct State {
-    framing: Framing,
-    frames: VecDeque<Outbound>,
-    frames_max: usize,
+    /// Frames in order. A `ThinVec` (8 B: its length and capacity live in its allocation,
+    /// which exists only while frames are queued) rather than a `VecDeque` (32 B): the
+    /// writer takes the whole queue at once but for a batch over `WRITE_BATCH_BYTES_MAX`.
+    frames: ThinVec<Outbound>,
+    waker: Option<Waker>,
     /// The reason of a close requested by the server. Written after nothing else.
     close_reason: Option<&'static str>,
-    /// Its code; kept apart from the reason (a `(u16, &str)` would pad the state by 8 B,
-    /// which every idle connection's table entry holds).
+    /// The bound on `frames` (a `u32` beside the flags: a bound above 4 G frames acts as
+    /// 4 G).
+    frames_max: u32,
+    /// The close's code; kept apart from the reason (a `(u16, &str)` would pad the state by
+    /// 8 B).
     close_code: u16,
+    framing: Framing,
     /// The writer finished (closed or the socket broke); pushes are dropped.
     finished: bool,
-    waker: Option<Waker>,
 }
 
 /// A connection's outbound queue. Shard-local; part of the connection's entry in the
@@ -68,8 +75,8 @@ impl OutboundQueue {
         Self(RefCell::new(State {
             framing,
             // Allocated by the first push, freed when drained (see `fill`).
-            frames: VecDeque::new(),
-            frames_max,
+            frames: ThinVec::new(),
+            frames_max: u32::try_from(frames_max).unwrap_or(u32::MAX),
             close_reason: None,
             close_code: 0,
             finished: false,
@@ -83,7 +90,7 @@ impl OutboundQueue {
         if state.finished || state.close_reason.is_some() {
             return Ok(());
         }
-        if state.frames.len() >= state.frames_max {
+        if state.frames.len() >= state.frames_max as usize {
             return Err(QueueFull);
         }
         let frame = match state.framing {
@@ -97,7 +104,7 @@ impl OutboundQueue {
             },
             Framing::Tcp => Outbound::Tcp { payload },
         };
-        state.frames.push_back(frame);
+        state.frames.push(frame);
         wake(&mut state);
         Ok(())
     }
@@ -109,7 +116,7 @@ impl OutboundQueue {
         if state.finished || state.close_reason.is_some() || state.framing != Framing::WebSocket {
             return;
         }
-        state.frames.push_back(Outbound::Ws { opcode, payload });
+        state.frames.push(Outbound::Ws { opcode, payload });
         wake(&mut state);
     }
 
@@ -160,28 +167,32 @@ impl OutboundQueue {
     /// connection must close after this write.
     pub(super) fn fill(&self, out: &mut BytesMut) -> bool {
         let mut state = self.0.borrow_mut();
-        while out.len() < WRITE_BATCH_BYTES_MAX {
-            let Some(frame) = state.frames.pop_front() else {
+        let mut taken = 0;
+        for frame in &state.frames {
+            if out.len() >= WRITE_BATCH_BYTES_MAX {
                 break;
-            };
+            }
             match frame {
                 Outbound::Ws { opcode, payload } => {
-                    let (header, header_len) = ws::frame_header(opcode, payload.len());
+                    let (header, header_len) = ws::frame_header(*opcode, payload.len());
                     out.put_slice(&header[..header_len]);
-                    out.put_slice(&payload);
+                    out.put_slice(payload);
                 }
                 Outbound::Tcp { payload } => {
                     out.put_slice(&tcp::length_prefix(payload.len()));
-                    out.put_slice(&payload);
+                    out.put_slice(payload);
                 }
             }
+            taken += 1;
         }
-        if !state.frames.is_empty() {
+        if taken < state.frames.len() {
+            // Over one batch's bytes (rare): the rest moves to the front for the next write.
+            state.frames.drain(..taken);
             return false;
         }
         // Drained: give the storage back, so an idle connection's queue holds none. Busy
         // connections pay one small allocation per write batch.
-        state.frames = VecDeque::new();
+        state.frames = ThinVec::new();
         match state.close_reason {
             Some(reason) => {
                 if state.framing == Framing::WebSocket {
@@ -196,7 +207,7 @@ impl OutboundQueue {
     pub(super) fn finish(&self) {
         let mut state = self.0.borrow_mut();
         state.finished = true;
-        state.frames = VecDeque::new();
+        state.frames = ThinVec::new();
     }
 }
 
@@ -290,4 +301,79 @@ async fn write<W: monoio::io::AsyncWriteRent>(
         let _ = sink.shutdown().await;
     }
     (sink, result, buffer, closing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits TCP frames (4-byte length, payload) back out of what `fill` wrote.
+    fn tcp_frames(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        while let Some((length, rest)) = bytes.split_first_chunk::<4>() {
+            let length = u32::from_be_bytes(*length) as usize;
+            frames.push(rest[..length].to_vec());
+            bytes = &rest[length..];
+        }
+        frames
+    }
+
+    #[test]
+    fn frames_go_out_in_order_across_batches_and_the_drained_queue_holds_no_storage() {
+        let queue = OutboundQueue::new(Framing::Tcp, 100);
+        // 40 frames of 16 KiB: more than one write batch (256 KiB).
+        let payloads: Vec<Vec<u8>> = (0..40_u8).map(|i| vec![i; 16 * 1024]).collect();
+        for payload in &payloads {
+            queue
+                .push(true, Bytes::from(payload.clone()))
+                .expect("below the bound");
+        }
+        let mut written = Vec::new();
+        let mut batches = 0;
+        loop {
+            let mut out = BytesMut::new();
+            let closing = queue.fill(&mut out);
+            assert!(!closing);
+            if out.is_empty() {
+                break;
+            }
+            assert!(out.len() <= WRITE_BATCH_BYTES_MAX + 16 * 1024 + 4);
+            written.extend(tcp_frames(&out));
+            batches += 1;
+        }
+        assert_eq!(written, payloads);
+        assert!(batches >= 2, "one batch held {} frames", payloads.len());
+        let state = queue.0.borrow();
+        assert!(state.frames.is_empty());
+        assert_eq!(
+            state.frames.capacity(),
+            0,
+            "a drained queue frees its storage"
+        );
+    }
+
+    #[test]
+    fn the_bound_refuses_a_push_and_a_close_goes_out_after_the_queued_frames() {
+        let queue = OutboundQueue::new(Framing::WebSocket, 2);
+        for payload in [&b"one"[..], b"two"] {
+            queue
+                .push(false, Bytes::from_static(payload))
+                .expect("below the bound");
+        }
+        assert_eq!(
+            queue.push(false, Bytes::from_static(b"three")),
+            Err(QueueFull)
+        );
+        queue.close(1000, "bye");
+        let mut out = BytesMut::new();
+        assert!(
+            queue.fill(&mut out),
+            "the close was written: the writer ends"
+        );
+        let mut expected = BytesMut::new();
+        ws::encode_frame(ws::Opcode::Text, b"one", &mut expected);
+        ws::encode_frame(ws::Opcode::Text, b"two", &mut expected);
+        ws::encode_close(1000, "bye", &mut expected);
+        assert_eq!(out, expected);
+    }
 }
