@@ -10,7 +10,12 @@
 //!   page reads), decoded;
 //! - `query-cache`: QueryMessages, newest 50, served by the hot cache;
 //! - `query-archive`: the same with the hot cache dropped (Postgres path);
-//! - `list-sessions`: ListSessions, first 50 of the user's sessions.
+//! - `list-sessions`: ListSessions, first 50 of the user's sessions;
+//! - `grpc-floor`: the same QueryMessages call, same callers, against a tonic server on the
+//!   reader's runtime that answers every call with the same page, prebuilt from the hot
+//!   cache's entries (no token check, no Redis, nothing but gRPC over loopback): the most
+//!   any gRPC service returning this page can do here, so `grpc-floor ÷ raw-redis` is the
+//!   ceiling of the query-cache ratio on this machine.
 //!
 //! Both sides decode what they read: raw-redis decodes each of the 51 entries into a
 //! `ChatMessage`, the gRPC callers decode each response in full (50 `ChatMessage`s). The
@@ -43,9 +48,10 @@ use chatify_core::stores::Stores;
 use chatify_proto::Message as _;
 use chatify_proto::client::v1::{ChatMessage, MessageType};
 use chatify_proto::storage::v1::storage_service_client::StorageServiceClient;
-use chatify_proto::storage::v1::storage_service_server::StorageServiceServer;
+use chatify_proto::storage::v1::storage_service_server::{StorageService, StorageServiceServer};
 use chatify_proto::storage::v1::{
-    ListSessionsRequest, ListSessionsResponse, QueryMessagesRequest, QueryMessagesResponse,
+    self as v1, ListSessionsRequest, ListSessionsResponse, QueryMessagesRequest,
+    QueryMessagesResponse,
 };
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -88,7 +94,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw-redis,query-cache,query-archive,list-sessions"
+        default_value = "raw-redis,query-cache,grpc-floor,query-archive,list-sessions"
     )]
     cases: Vec<Case>,
 }
@@ -108,6 +114,7 @@ enum Case {
     QueryCache,
     QueryArchive,
     ListSessions,
+    GrpcFloor,
 }
 
 fn incoming(sender: &str, session: &SessionId, i: usize, at: i64) -> Incoming {
@@ -237,16 +244,18 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
         .await
         .context("reader task")??;
     let bearer = format!("Bearer {}", token(&bob)?);
-    let caller = match args.grpc_client {
-        Client::H2 => Caller::H2(
-            GrpcCaller::connect(addr, bearer.parse()?, args.grpc_connections.max(1)).await?,
-        ),
-        Client::Tonic => Caller::Tonic {
-            channel: tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?,
-            bearer: bearer.parse()?,
-        },
+    let caller = Caller::connect(&args, addr, &bearer).await?;
+
+    // The transport floor: the page a cache hit serves, prebuilt once.
+    let floor = if args.cases.contains(&Case::GrpcFloor) {
+        let page = floor_page(&mut redis, &chat).await?;
+        let addr = server
+            .spawn(serve_floor(page))
+            .await
+            .context("floor task")??;
+        Some(Caller::connect(&args, addr, &bearer).await?)
+    } else {
+        None
     };
 
     println!(
@@ -280,8 +289,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             }
         }
     };
-    let query = {
-        let caller = caller.clone();
+    let query_on = |caller: Caller| {
         let request = QueryMessagesRequest {
             session_id: chat.to_string(),
             direction: chatify_proto::storage::v1::Direction::Backward as i32,
@@ -297,6 +305,8 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             }
         }
     };
+    let query = query_on(caller.clone());
+    let floor_query = floor.map(query_on);
     let sessions_call = {
         let caller = caller.clone();
         move || {
@@ -315,7 +325,7 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
     let wants = |case: Case| args.cases.contains(&case);
     let sessions_name = format!("list-sessions ({} sessions)", args.sessions + 1);
     let mut results: Vec<(&str, Vec<Outcome>)> = Vec::new();
-    let (mut raw, mut cached) = (Vec::new(), Vec::new());
+    let (mut raw, mut cached, mut floors) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         if wants(Case::RawRedis) {
             let outcome =
@@ -328,14 +338,24 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             print_row("query-cache", args.concurrency, &outcome);
             cached.push(outcome);
         }
+        if let Some(floor_query) = &floor_query {
+            let outcome =
+                run_case(&mut stats, args.concurrency, duration, floor_query.clone()).await?;
+            print_row("grpc-floor", args.concurrency, &outcome);
+            floors.push(outcome);
+        }
     }
-    let ratios: Vec<f64> = raw
-        .iter()
-        .zip(&cached)
-        .map(|(raw, cached)| cached.calls_per_second() / raw.calls_per_second())
-        .collect();
+    let ratios_of = |outcomes: &[Outcome]| -> Vec<f64> {
+        raw.iter()
+            .zip(outcomes)
+            .map(|(raw, outcome)| outcome.calls_per_second() / raw.calls_per_second())
+            .collect()
+    };
+    let ratios = ratios_of(&cached);
+    let floor_ratios = ratios_of(&floors);
     results.push(("raw-redis", raw));
     results.push(("query-cache", cached));
+    results.push(("grpc-floor", floors));
     if wants(Case::QueryArchive) {
         redis::cmd("DEL")
             .arg(keys::session_hot_cache(&chat))
@@ -398,15 +418,128 @@ async fn run(args: Args, server: tokio::runtime::Handle) -> anyhow::Result<()> {
             per_call(2),
         );
     }
-    if !ratios.is_empty() {
+    for (name, ratios) in [("query-cache", ratios), ("grpc-floor", floor_ratios)] {
+        if ratios.is_empty() {
+            continue;
+        }
         let shown: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
         println!(
-            "\nquery-cache ÷ raw-redis per round: {}; median {:.2}",
+            "\n{name} ÷ raw-redis per round: {}; median {:.2}",
             shown.join(" / "),
             median(ratios)
         );
     }
     Ok(())
+}
+
+/// The page `grpc-floor` answers: the newest 50 hot-cache entries of `chat`, as a cache-hit
+/// QueryMessages serves them (already encoded, passed through).
+async fn floor_page(
+    redis: &mut redis::aio::ConnectionManager,
+    chat: &SessionId,
+) -> anyhow::Result<QueryMessagesResponse> {
+    let entries: Vec<Vec<u8>> = redis::cmd("ZREVRANGEBYSCORE")
+        .arg(keys::session_hot_cache(chat))
+        .arg("+inf")
+        .arg("-inf")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(50)
+        .query_async(redis)
+        .await?;
+    let encoded_messages = entries
+        .into_iter()
+        .map(chatify_proto::page::EncodedChatMessage::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = encoded_messages
+        .last()
+        .map(|entry| entry.seq().to_string())
+        .unwrap_or_default();
+    Ok(QueryMessagesResponse {
+        has_more: true,
+        next_cursor,
+        encoded_messages,
+        ..Default::default()
+    })
+}
+
+/// Answers QueryMessages with `page`, every time; the other methods are unimplemented.
+struct Floor {
+    page: QueryMessagesResponse,
+}
+
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+fn floor_only<T>() -> Answer<T> {
+    Err(tonic::Status::unimplemented(
+        "the floor serves QueryMessages only",
+    ))
+}
+
+#[tonic::async_trait]
+impl StorageService for Floor {
+    async fn query_messages(
+        &self,
+        _: tonic::Request<QueryMessagesRequest>,
+    ) -> Answer<QueryMessagesResponse> {
+        Ok(tonic::Response::new(self.page.clone()))
+    }
+    async fn get_message(
+        &self,
+        _: tonic::Request<v1::GetMessageRequest>,
+    ) -> Answer<v1::GetMessageResponse> {
+        floor_only()
+    }
+    async fn delete_message(
+        &self,
+        _: tonic::Request<v1::DeleteMessageRequest>,
+    ) -> Answer<v1::DeleteMessageResponse> {
+        floor_only()
+    }
+    async fn recall_message(
+        &self,
+        _: tonic::Request<v1::RecallMessageRequest>,
+    ) -> Answer<v1::RecallMessageResponse> {
+        floor_only()
+    }
+    async fn clear_session(
+        &self,
+        _: tonic::Request<v1::ClearSessionRequest>,
+    ) -> Answer<v1::ClearSessionResponse> {
+        floor_only()
+    }
+    async fn mark_message_read(
+        &self,
+        _: tonic::Request<v1::MarkMessageReadRequest>,
+    ) -> Answer<v1::MarkMessageReadResponse> {
+        floor_only()
+    }
+    async fn list_sessions(
+        &self,
+        _: tonic::Request<ListSessionsRequest>,
+    ) -> Answer<ListSessionsResponse> {
+        floor_only()
+    }
+    async fn get_unread_count(
+        &self,
+        _: tonic::Request<v1::GetUnreadCountRequest>,
+    ) -> Answer<v1::GetUnreadCountResponse> {
+        floor_only()
+    }
+}
+
+/// Serves [`Floor`] on loopback with the reader's server settings (see [`serve`]).
+async fn serve_floor(page: QueryMessagesResponse) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(StorageServiceServer::new(Floor { page }))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
+    );
+    Ok(addr)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -627,6 +760,25 @@ fn authorized<T>(
 }
 
 impl Caller {
+    /// The client `--grpc-client` names, to the server at `addr`.
+    async fn connect(
+        args: &Args,
+        addr: std::net::SocketAddr,
+        bearer: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(match args.grpc_client {
+            Client::H2 => Self::H2(
+                GrpcCaller::connect(addr, bearer.parse()?, args.grpc_connections.max(1)).await?,
+            ),
+            Client::Tonic => Self::Tonic {
+                channel: tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?,
+                bearer: bearer.parse()?,
+            },
+        })
+    }
+
     async fn query_messages(
         &self,
         request: QueryMessagesRequest,
