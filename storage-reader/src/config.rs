@@ -60,9 +60,8 @@ pub struct Config {
         default_value_t = 86_400
     )]
     pub marks_ttl_seconds: u64,
-    /// Redis connections the cache-hit page read spreads its calls over (its own client,
-    /// `hot_redis`); the calls queued on one connection go to Redis together, one write per
-    /// batch.
+    /// Most Redis connections the cache-hit page read holds at once (its own pool,
+    /// `hot_redis`); calls beyond wait for one.
     #[arg(
         long,
         env = "CHATIFY_READER_REDIS_CONNECTIONS",
@@ -136,7 +135,7 @@ impl Config {
 }
 
 impl Config {
-    /// The cache-hit page read's Redis client, as configured.
+    /// The cache-hit page read's Redis pool, as configured.
     pub fn hot_redis(
         &self,
         client: &redis::Client,

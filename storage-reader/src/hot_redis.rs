@@ -1,43 +1,33 @@
-//! The cache-hit read's own Redis client: each page's commands are one pipeline, several
-//! concurrent pages' pipelines go to Redis in one write on a shared connection, and the
-//! replies are parsed in place.
+//! The cache-hit read's own Redis client: one pipelined round trip per page on a pooled
+//! connection, replies parsed in place.
 //!
 //! Why ours rather than redis-rs here (STYLE: a library unless the hot path needs ours):
-//! a cache-hit page is one pipeline of ≈ 4 commands whose replies hold ≈ 60 values, 51 of
+//! a cache-hit page is one pipeline of ≈ 5 commands whose replies hold ≈ 60 values, 51 of
 //! them the cached messages (≈ 10 KB). redis-rs parses each value with `combine` into an
 //! owned `redis::Value` (one allocation and copy per entry), then `FromRedisValue` copies
-//! each again: together with its driver ≈ 26 % of the reader's CPU per cache-hit page
-//! (profile in docs/BENCHMARKS.md). Here the replies are first scanned for completeness
-//! and then sliced out of the one read buffer (`Bytes`, no copy: a cached entry goes from
-//! the socket buffer into the gRPC response as is). Everything else the reader asks Redis
+//! each again, and its multiplexed connection hands every call to a driver task through
+//! channels: together ≈ 26 % of the reader's CPU per cache-hit page (profile in
+//! docs/BENCHMARKS.md). Here the calling task writes its pipeline and reads the replies on
+//! a connection it holds for the call, the replies are first scanned for completeness and
+//! then sliced out of the one read buffer (`Bytes`, no copy: a cached entry goes from the
+//! socket buffer into the gRPC response as is). Everything else the reader asks Redis
 //! stays on redis-rs; the pipelines are still built and encoded with `redis::Pipeline`.
 //!
-//! Connections ("lanes"): `connections` of them, each owned by one driver task (spawned on
-//! first use). A call is queued on the next lane (round robin) and waits for its replies.
-//! The driver takes every call queued by the time it is free (at most
-//! [`BATCH_CALLS_MAX`]), writes their pipelines in one write and hands each call its own
-//! replies in order. So under load Redis reads and answers many pages per socket event,
-//! and the reader pays one `send` and one `recv` per batch rather than per page (a
-//! connection per call cost Redis 2–3× the raw read's CPU per page). A call that times out
-//! or is cancelled just stops waiting: its replies are still read off the connection and
-//! dropped, so they can never be taken for another call's. A batch that fails (I/O error,
-//! timeout, a reply that is not RESP) fails every call in it and drops the connection; the
-//! next batch connects again.
+//! Connections: at most `max_connections` at once (callers beyond wait), idle ones kept
+//! for reuse. A connection that failed, timed out or whose call was cancelled mid-flight
+//! is dropped, never reused, so a late reply can never be read as another call's.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Semaphore;
 
-/// Default connections (lanes) the calls are spread over.
-pub const CONNECTIONS_DEFAULT: usize = 2;
+/// Default most connections open at once.
+pub const CONNECTIONS_DEFAULT: usize = 32;
 /// Default wait for a round trip, connecting included, in ms.
 pub const TIMEOUT_DEFAULT_MS: u64 = 2000;
-/// Most calls one write carries.
-pub const BATCH_CALLS_MAX: usize = 64;
 /// Deepest nesting of arrays a reply may have (ours have 2).
 const DEPTH_MAX: usize = 8;
 /// Read buffer growth per read.
@@ -67,31 +57,6 @@ pub enum HotRedisError {
     Server(String),
     #[error("{0} (the reader's page read sends plain pipelines over TCP or a unix socket)")]
     Unsupported(&'static str),
-}
-
-impl HotRedisError {
-    /// The same error for another call of a failed batch (`std::io::Error` is not `Clone`:
-    /// its kind and message are kept).
-    fn duplicate(&self) -> Self {
-        let io = |error: &std::io::Error| std::io::Error::new(error.kind(), error.to_string());
-        match self {
-            Self::Connect { addr, source } => Self::Connect {
-                addr: addr.clone(),
-                source: io(source),
-            },
-            Self::Io(error) => Self::Io(io(error)),
-            Self::Closed => Self::Closed,
-            Self::Timeout(after) => Self::Timeout(*after),
-            Self::Protocol(what) => Self::Protocol(what),
-            Self::Setup(message) => Self::Setup(message.clone()),
-            Self::Type { wanted, got } => Self::Type {
-                wanted,
-                got: got.clone(),
-            },
-            Self::Server(message) => Self::Server(message.clone()),
-            Self::Unsupported(what) => Self::Unsupported(what),
-        }
-    }
 }
 
 /// One RESP2 reply. Bulk and status strings are slices of the read buffer.
@@ -194,8 +159,13 @@ struct Connection {
 }
 
 impl Connection {
-    /// Reads the next `count` replies (all of them complete before any is parsed).
-    async fn read_replies(&mut self, count: usize) -> Result<Vec<Reply>, HotRedisError> {
+    /// Writes `packed` (`count` commands) and reads their `count` replies.
+    async fn round_trip(
+        &mut self,
+        packed: &[u8],
+        count: usize,
+    ) -> Result<Vec<Reply>, HotRedisError> {
+        self.stream.write_all(packed).await?;
         loop {
             if let Some(end) = scan_replies(&self.buffer, count)? {
                 let frame = self.buffer.split_to(end).freeze();
@@ -225,48 +195,34 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// What a driver needs to (re)connect and how long a batch may take.
-#[derive(Debug)]
-struct Target {
+/// The pool: bounded connections, idle ones reused.
+pub struct HotRedis {
     address: Address,
     /// `AUTH` (username, password) and `SELECT` db sent on each new connection.
     setup: Option<Vec<u8>>,
     setup_replies: usize,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+    idle_max: usize,
     timeout: Duration,
-}
-
-/// One queued call: its encoded pipeline, how many replies it expects, where they go.
-struct Call {
-    packed: Vec<u8>,
-    count: usize,
-    answer: oneshot::Sender<Result<Vec<Reply>, HotRedisError>>,
-}
-
-/// The client: `connections` lanes, each a queue drained by its driver task.
-pub struct HotRedis {
-    target: Arc<Target>,
-    lanes: Box<[OnceLock<mpsc::UnboundedSender<Call>>]>,
-    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for HotRedis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HotRedis")
-            .field("address", &self.target.address)
-            .field("connections", &self.lanes.len())
-            .field("timeout", &self.target.timeout)
+            .field("address", &self.address)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl HotRedis {
-    /// A client for the Redis `client` points at (its address, credentials and db), over
-    /// `connections` connections; a call (connecting included) gives up after `timeout`.
-    /// Builds no connection: each lane's driver starts, and connects, on its first call
-    /// (so this may run outside a tokio runtime; calls must run inside one).
+    /// A pool for the Redis `client` points at (its address, credentials and db), with at
+    /// most `max_connections` open; a round trip (connecting included) gives up after
+    /// `timeout`. Builds no connection: the first call connects.
     pub fn new(
         client: &redis::Client,
-        connections: usize,
+        max_connections: usize,
         timeout: Duration,
     ) -> Result<Self, HotRedisError> {
         let info = client.get_connection_info();
@@ -290,19 +246,53 @@ impl HotRedis {
             setup.cmd("SELECT").arg(settings.db());
             setup_replies += 1;
         }
+        let max_connections = max_connections.max(1);
         Ok(Self {
-            target: Arc::new(Target {
-                address,
-                setup: (setup_replies > 0).then(|| setup.get_packed_pipeline()),
-                setup_replies,
-                timeout,
-            }),
-            lanes: (0..connections.max(1)).map(|_| OnceLock::new()).collect(),
-            next: AtomicUsize::new(0),
+            address,
+            setup: (setup_replies > 0).then(|| setup.get_packed_pipeline()),
+            setup_replies,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(max_connections),
+            idle_max: max_connections,
+            timeout,
         })
     }
 
-    /// [`HotRedis::new`] with the default connections and timeout.
+    /// Sends `pipeline` and returns one reply per command, in order. Error replies come
+    /// back as [`Reply::Error`] (the caller decides); a connection, timeout or protocol
+    /// failure is an error and the connection is dropped.
+    pub async fn query(&self, pipeline: &redis::Pipeline) -> Result<Vec<Reply>, HotRedisError> {
+        if pipeline.is_transaction() {
+            return Err(HotRedisError::Unsupported("MULTI/EXEC pipeline"));
+        }
+        let packed = pipeline.get_packed_pipeline();
+        let count = pipeline.len();
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| HotRedisError::Closed)?;
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let call = async {
+            let mut connection = match pooled {
+                Some(connection) => connection,
+                None => self.connect().await?,
+            };
+            let replies = connection.round_trip(&packed, count).await?;
+            Ok::<_, HotRedisError>((connection, replies))
+        };
+        // Dropped on timeout or error (and on cancellation): never reused mid-reply.
+        let (connection, replies) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| HotRedisError::Timeout(self.timeout))??;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.idle_max {
+            idle.push(connection);
+        }
+        Ok(replies)
+    }
+
+    /// [`HotRedis::new`] with the default bound and timeout.
     pub fn with_defaults(client: &redis::Client) -> Result<Self, HotRedisError> {
         Self::new(
             client,
@@ -311,87 +301,6 @@ impl HotRedis {
         )
     }
 
-    /// Sends `pipeline` and returns one reply per command, in order. Error replies come
-    /// back as [`Reply::Error`] (the caller decides); a connection, timeout or protocol
-    /// failure is an error.
-    pub async fn query(&self, pipeline: &redis::Pipeline) -> Result<Vec<Reply>, HotRedisError> {
-        if pipeline.is_transaction() {
-            return Err(HotRedisError::Unsupported("MULTI/EXEC pipeline"));
-        }
-        let (answer, answered) = oneshot::channel();
-        let call = Call {
-            packed: pipeline.get_packed_pipeline(),
-            count: pipeline.len(),
-            answer,
-        };
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        let lane = self.lanes[turn].get_or_init(|| {
-            let (calls, queued) = mpsc::unbounded_channel();
-            tokio::spawn(drive(Arc::clone(&self.target), queued));
-            calls
-        });
-        lane.send(call).map_err(|_| HotRedisError::Closed)?;
-        let timeout = self.target.timeout;
-        match tokio::time::timeout(timeout, answered).await {
-            Ok(Ok(replies)) => replies,
-            // The driver is gone (the runtime is shutting down).
-            Ok(Err(_)) => Err(HotRedisError::Closed),
-            Err(_) => Err(HotRedisError::Timeout(timeout)),
-        }
-    }
-}
-
-/// A lane's driver: batches of queued calls, one write and their replies in order each,
-/// until every sender is gone.
-async fn drive(target: Arc<Target>, mut queued: mpsc::UnboundedReceiver<Call>) {
-    let mut connection: Option<Connection> = None;
-    let mut batch: Vec<Call> = Vec::with_capacity(BATCH_CALLS_MAX);
-    let mut packed = Vec::new();
-    while queued.recv_many(&mut batch, BATCH_CALLS_MAX).await > 0 {
-        // Calls whose caller stopped waiting are not sent at all.
-        batch.retain(|call| !call.answer.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        packed.clear();
-        for call in &batch {
-            packed.extend_from_slice(&call.packed);
-        }
-        // Answered from the end: the calls left in `batch` are the ones still waiting.
-        batch.reverse();
-        let round_trip = async {
-            let mut open = match connection.take() {
-                Some(open) => open,
-                None => target.connect().await?,
-            };
-            open.stream.write_all(&packed).await?;
-            while let Some(count) = batch.last().map(|call| call.count) {
-                let replies = open.read_replies(count).await?;
-                if let Some(call) = batch.pop() {
-                    // A caller that stopped waiting drops its replies here.
-                    let _ = call.answer.send(Ok(replies));
-                }
-            }
-            Ok::<_, HotRedisError>(open)
-        };
-        match tokio::time::timeout(target.timeout, round_trip).await {
-            Ok(Ok(open)) => connection = Some(open),
-            Ok(Err(error)) => fail(&mut batch, &error),
-            Err(_) => fail(&mut batch, &HotRedisError::Timeout(target.timeout)),
-        }
-        batch.clear();
-    }
-}
-
-/// Fails the calls of a batch not answered yet (the connection is dropped: the next batch
-/// connects again, so no late reply is ever read as another call's).
-fn fail(batch: &mut Vec<Call>, error: &HotRedisError) {
-    for call in batch.drain(..) {
-        let _ = call.answer.send(Err(error.duplicate()));
-    }
-}
-
-impl Target {
     async fn connect(&self) -> Result<Connection, HotRedisError> {
         let failed = |source| HotRedisError::Connect {
             addr: self.address.to_string(),
@@ -416,8 +325,7 @@ impl Target {
             buffer: BytesMut::with_capacity(READ_CHUNK),
         };
         if let Some(setup) = &self.setup {
-            connection.stream.write_all(setup).await?;
-            for reply in connection.read_replies(self.setup_replies).await? {
+            for reply in connection.round_trip(setup, self.setup_replies).await? {
                 if let Reply::Error(message) = reply {
                     return Err(HotRedisError::Setup(message));
                 }
