@@ -343,7 +343,7 @@ impl Admitted {
         on_bytes: impl FnMut(&Shard, &mut BytesMut) -> Result<(), CloseReason>,
     ) -> impl Future<Output = ()> {
         // What the client sent after the handshake is decoded first, as if just read.
-        let (reading, reader): (Option<ReadInFlight<_>>, _) = match held {
+        let (reading, mut reader): (Option<ReadInFlight<_>>, _) = match held {
             Some(held) => (
                 Some(Box::pin(std::future::ready((reader, Some(held))))),
                 None,
@@ -357,7 +357,6 @@ impl Admitted {
             reading,
             on_bytes,
         };
-        let mut reader = reader;
         async move {
             // Pinned here, outside `open`: polling it needs it pinned, and `open` is not.
             let mut waiting = std::pin::pin!(None);
