@@ -174,6 +174,36 @@ impl Harness {
         Writer { shutdown, task }
     }
 
+    /// Waits until the writer's group has committed every upstream record produced so
+    /// far, so a writer stopped after this leaves nothing for the next one to read again.
+    /// Call it while a writer runs (a stopped one commits nothing more).
+    pub async fn wait_all_committed(&self) {
+        let consumer: Arc<BaseConsumer> = Arc::new(
+            kafka()
+                .set("group.id", &self.group)
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap(),
+        );
+        let upstream = self.topics.upstream();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (consumer, upstream) = (Arc::clone(&consumer), upstream.clone());
+            // rdkafka's calls block: off the test's runtime thread, which runs the writer.
+            let done = tokio::task::spawn_blocking(move || all_committed(&consumer, &upstream))
+                .await
+                .unwrap();
+            if done {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the writer to commit every upstream record"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A user id unique to this test.
     pub fn user(&self, name: &str) -> String {
         format!("{name}{}", self.tag)
@@ -461,6 +491,30 @@ impl Drop for Tap {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Whether `group`'s committed offset of every partition of `topic` is at its end.
+fn all_committed(consumer: &BaseConsumer, topic: &str) -> bool {
+    let timeout = Duration::from_secs(5);
+    let mut list = TopicPartitionList::new();
+    for partition in 0..UPSTREAM_PARTITIONS {
+        list.add_partition(topic, partition);
+    }
+    let Ok(committed) = consumer.committed_offsets(list, timeout) else {
+        return false;
+    };
+    (0..UPSTREAM_PARTITIONS).all(|partition| {
+        let Ok((_, end)) = consumer.fetch_watermarks(topic, partition, timeout) else {
+            return false;
+        };
+        match committed
+            .find_partition(topic, partition)
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(offset)) => offset >= end,
+            _ => end == 0,
+        }
+    })
 }
 
 /// Polls `check` until it returns a value; panics with `what` after [`WAIT`].
