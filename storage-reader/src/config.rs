@@ -60,16 +60,16 @@ pub struct Config {
         default_value_t = 86_400
     )]
     pub marks_ttl_seconds: u64,
-    /// Most Redis connections the cache-hit page read holds at once (its own pool,
-    /// `hot_redis`); calls beyond wait for one.
+    /// Redis connections of the cache-hit page read (its own client, `hot_redis`): each is
+    /// shared, concurrent pages' pipelines on one go out in one write.
     #[arg(
         long,
         env = "CHATIFY_READER_REDIS_CONNECTIONS",
         default_value_t = crate::hot_redis::CONNECTIONS_DEFAULT
     )]
     pub redis_connections: usize,
-    /// How long a cache-hit page waits for Redis (connecting included) before the call
-    /// fails Unavailable, in ms.
+    /// How long a cache-hit page waits for Redis (queueing and connecting included)
+    /// before the call fails Unavailable, in ms.
     #[arg(
         long,
         env = "CHATIFY_READER_REDIS_TIMEOUT_MS",
@@ -135,7 +135,7 @@ impl Config {
 }
 
 impl Config {
-    /// The cache-hit page read's Redis pool, as configured.
+    /// The cache-hit page read's Redis client, as configured.
     pub fn hot_redis(
         &self,
         client: &redis::Client,

@@ -2,6 +2,7 @@
 //! servers that misbehave: refused, silent, garbage.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chatify_e2e::{service_env, unique_name};
@@ -81,32 +82,112 @@ async fn a_large_reply_arrives_across_many_reads() {
     }
 }
 
+fn pipeline(command: &str, args: &[&str]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    let cmd = pipe.cmd(command);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    pipe
+}
+
 #[tokio::test]
 async fn a_cancelled_call_never_leaves_its_late_reply_to_the_next() {
-    // One connection at most: a reused connection would carry the late reply.
+    // One connection: the late reply would be the next call's, were it not read off.
     let hot = HotRedis::new(&client(), 1, Duration::from_secs(30)).unwrap();
     let list = unique_name("hot-blocked");
-    let mut blocked = redis::pipe();
-    blocked.cmd("BLPOP").arg(&list).arg(5);
+    let blocked = pipeline("BLPOP", &[&list, "1"]);
     let cancelled = tokio::time::timeout(Duration::from_millis(100), hot.query(&blocked)).await;
     assert!(cancelled.is_err(), "BLPOP on an empty list blocks");
-    // Its reply would be this element, had the connection been reused.
-    let mut push = redis::pipe();
-    push.cmd("RPUSH").arg(&list).arg("late");
+    let mut push = pipeline("RPUSH", &[&list, "late"]);
     push.cmd("EXPIRE").arg(&list).arg(60);
     let replies = hot.query(&push).await.unwrap();
     assert_eq!(replies, vec![Reply::Int(1), Reply::Int(1)]);
-    let mut ping = redis::pipe();
-    ping.cmd("PING");
+    // The BLPOP was answered (nil, after its second) before the push: the element is here.
     assert_eq!(
-        hot.query(&ping).await.unwrap(),
+        hot.query(&pipeline("LPOP", &[&list])).await.unwrap(),
+        vec![Reply::Bulk("late".into())]
+    );
+}
+
+/// Spawns `hot.query(pipe)` and gives it time to queue.
+async fn spawn_query(
+    hot: &Arc<HotRedis>,
+    pipe: redis::Pipeline,
+) -> tokio::task::JoinHandle<Vec<Reply>> {
+    let hot = hot.clone();
+    let task = tokio::spawn(async move { hot.query(&pipe).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task
+}
+
+#[tokio::test]
+async fn a_cancelled_driver_leaves_its_batch_to_be_read_to_the_end() {
+    let hot = Arc::new(HotRedis::new(&client(), 1, Duration::from_secs(30)).unwrap());
+    let other = HotRedis::with_defaults(&client()).unwrap();
+    let (gate, list) = (unique_name("hot-gate"), unique_name("hot-list"));
+    // The lane's first batch blocks on `gate`; two calls queue behind it.
+    let first = spawn_query(&hot, pipeline("BLPOP", &[&gate, "10"])).await;
+    let driver = spawn_query(&hot, pipeline("BLPOP", &[&list, "10"])).await;
+    let mate = spawn_query(&hot, pipeline("ECHO", &["mate"])).await;
+    // Opening the gate hands the lane to `driver`, whose batch holds both queued calls.
+    other
+        .query(&pipeline("RPUSH", &[&gate, "open"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.await.unwrap(),
+        vec![Reply::Array(vec![
+            Reply::Bulk(gate.clone().into()),
+            Reply::Bulk("open".into())
+        ])]
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    driver.abort();
+    assert!(driver.await.unwrap_err().is_cancelled());
+    assert!(
+        !mate.is_finished(),
+        "its reply comes after the blocked BLPOP's"
+    );
+    // The abandoned BLPOP is still read to the end, then its batch-mate's reply.
+    other
+        .query(&pipeline("RPUSH", &[&list, "taken"]))
+        .await
+        .unwrap();
+    assert_eq!(mate.await.unwrap(), vec![Reply::Bulk("mate".into())]);
+    // The abandoned BLPOP did take the element: it ran to the end rather than being cut.
+    assert_eq!(
+        other.query(&pipeline("LLEN", &[&list])).await.unwrap(),
+        vec![Reply::Int(0)]
+    );
+    assert_eq!(
+        hot.query(&pipeline("PING", &[])).await.unwrap(),
         vec![Reply::Status("PONG".into())]
     );
 }
 
 #[tokio::test]
-async fn many_concurrent_calls_share_a_bounded_pool() {
-    let hot = std::sync::Arc::new(HotRedis::new(&client(), 4, Duration::from_secs(30)).unwrap());
+async fn a_caller_gone_while_queued_is_withdrawn() {
+    let hot = Arc::new(HotRedis::new(&client(), 1, Duration::from_secs(30)).unwrap());
+    let other = HotRedis::with_defaults(&client()).unwrap();
+    let gate = unique_name("hot-gate");
+    let first = spawn_query(&hot, pipeline("BLPOP", &[&gate, "10"])).await;
+    // Queued first, so it would drive the next batch: gone, it passes nothing on by itself.
+    let gone = spawn_query(&hot, pipeline("ECHO", &["gone"])).await;
+    let next = spawn_query(&hot, pipeline("ECHO", &["next"])).await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    other
+        .query(&pipeline("RPUSH", &[&gate, "open"]))
+        .await
+        .unwrap();
+    first.await.unwrap();
+    assert_eq!(next.await.unwrap(), vec![Reply::Bulk("next".into())]);
+}
+
+#[tokio::test]
+async fn many_concurrent_calls_share_a_few_connections() {
+    let hot = Arc::new(HotRedis::new(&client(), 4, Duration::from_secs(30)).unwrap());
     let calls = (0..64u64).map(|n| {
         let hot = hot.clone();
         tokio::spawn(async move {
