@@ -25,6 +25,7 @@
 //! Blocking commands (BLPOP and the like) would hold up their lane: the reader sends none.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
@@ -461,8 +462,12 @@ impl Drop for Batch {
         if self.released {
             return;
         }
-        if self.answered < self.calls.len()
-            && !self.adopted
+        if self.answered == self.calls.len() {
+            // Nothing in flight: the connection is still good.
+            self.release();
+            return;
+        }
+        if !self.adopted
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let mut rest = Batch {
@@ -504,23 +509,23 @@ impl Ticket<'_> {
     /// The call's reply frame, driving the lane whenever told to.
     async fn outcome(&self) -> Result<Bytes, HotRedisError> {
         loop {
-            let drive = std::future::poll_fn(|context| {
+            let next = std::future::poll_fn(|context| {
                 let mut outcome = self.call.outcome();
                 match std::mem::replace(&mut *outcome, Outcome::Taken) {
-                    Outcome::Done(result) => Poll::Ready(Err(result)),
+                    Outcome::Done(result) => Poll::Ready(ControlFlow::Break(result)),
                     Outcome::Drive => {
                         *outcome = Outcome::Drive;
-                        Poll::Ready(Ok(()))
+                        Poll::Ready(ControlFlow::Continue(()))
                     }
                     Outcome::Waiting(_) => {
                         *outcome = Outcome::Waiting(Some(context.waker().clone()));
                         Poll::Pending
                     }
-                    Outcome::Taken => Poll::Ready(Err(Err(HotRedisError::Closed))),
+                    Outcome::Taken => Poll::Ready(ControlFlow::Break(Err(HotRedisError::Closed))),
                 }
             })
             .await;
-            if let Err(result) = drive {
+            if let ControlFlow::Break(result) = next {
                 return result;
             }
             let mut batch = self.lane.start_batch(&self.call);
