@@ -94,12 +94,14 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
 
 /// A TCP proxy on loopback in front of a real service, for fault injection: `set_down`
 /// cuts every proxied connection and refuses new ones (as a stopped server would), `set_up`
-/// lets them through again. The service itself keeps running for the other tests.
+/// lets them through again. The service itself keeps running for the other tests. It
+/// counts the reads it takes from its clients ([`TcpProxy::client_reads`]).
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: std::net::SocketAddr,
     up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     accept: tokio::task::JoinHandle<()>,
+    client_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TcpProxy {
@@ -111,14 +113,20 @@ impl TcpProxy {
         let up = std::sync::Arc::new(up);
         let upstream = upstream.to_owned();
         let state = std::sync::Arc::clone(&up);
+        let client_reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reads = std::sync::Arc::clone(&client_reads);
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if !*state.borrow() {
                     drop(client);
                     continue;
                 }
                 let mut down = state.subscribe();
                 let upstream = upstream.clone();
+                let mut client = ReadCounted {
+                    stream: client,
+                    reads: std::sync::Arc::clone(&reads),
+                };
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
                         return;
@@ -130,12 +138,43 @@ impl TcpProxy {
                 });
             }
         });
-        Ok(Self { addr, up, accept })
+        Ok(Self {
+            addr,
+            up,
+            accept,
+            client_reads,
+        })
+    }
+
+    /// Starts proxying to the host and port of `service_url` (a store's URL).
+    pub async fn in_front_of(service_url: &str) -> std::io::Result<Self> {
+        let url = url::Url::parse(service_url).map_err(std::io::Error::other)?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| std::io::Error::other(format!("{service_url} names no host")))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| std::io::Error::other(format!("{service_url} names no port")))?;
+        Self::start(&format!("{host}:{port}")).await
+    }
+
+    /// `service_url` with its port replaced by the proxy's (both are on loopback).
+    pub fn url_for(&self, service_url: &str) -> String {
+        let mut url = url::Url::parse(service_url).expect("a service URL");
+        url.set_port(Some(self.addr.port()))
+            .expect("the URL takes a port");
+        url.to_string()
     }
 
     /// `127.0.0.1:port` of the proxy.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.addr
+    }
+
+    /// Reads the proxy has taken from its clients so far, over all connections: a client's
+    /// one write arrives as one read when it is small.
+    pub fn client_reads(&self) -> usize {
+        self.client_reads.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Cuts every connection and refuses new ones until [`TcpProxy::set_up`].
@@ -145,6 +184,51 @@ impl TcpProxy {
 
     pub fn set_up(&self) {
         self.up.send_replace(true);
+    }
+}
+
+/// A client socket of [`TcpProxy`] that counts the reads that returned bytes.
+struct ReadCounted {
+    stream: tokio::net::TcpStream,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for ReadCounted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.stream).poll_read(context, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadCounted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(context, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(context)
     }
 }
 

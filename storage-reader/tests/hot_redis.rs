@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatify_e2e::{service_env, unique_name};
+use chatify_e2e::{TcpProxy, service_env, unique_name};
 use storage_reader::hot_redis::{HotRedis, HotRedisError, Reply};
 
 fn client() -> redis::Client {
@@ -205,52 +205,15 @@ async fn many_concurrent_calls_share_a_few_connections() {
     }
 }
 
-/// A proxy in front of the real Redis that counts the reads it takes from its client, and
-/// a client for Redis through it.
-async fn counting_proxy() -> (redis::Client, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut url = url::Url::parse(&service_env("REDIS_URL")).unwrap();
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().unwrap(),
-        url.port_or_known_default().unwrap_or(6379)
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = reads.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let redis = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-            let (mut from_client, mut to_client) = socket.into_split();
-            let (mut from_redis, mut to_redis) = redis.into_split();
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if to_redis.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
-            });
-        }
-    });
-    url.set_host(Some("127.0.0.1")).unwrap();
-    url.set_port(Some(port)).unwrap();
-    (redis::Client::open(url.as_str()).unwrap(), reads)
-}
-
 #[tokio::test]
 async fn calls_made_together_on_one_thread_go_out_in_one_write() {
-    let (proxied, reads) = counting_proxy().await;
+    let redis_url = service_env("REDIS_URL");
+    let proxy = TcpProxy::in_front_of(&redis_url).await.unwrap();
+    let proxied = redis::Client::open(proxy.url_for(&redis_url)).unwrap();
     let hot = Arc::new(HotRedis::new(&proxied, 1, Duration::from_secs(30)).unwrap());
     // Connect the lane first, so the count below is the calls' writes alone.
     hot.query(&pipeline("PING", &[])).await.unwrap();
-    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+    let before = proxy.client_reads();
     // Spawned on this test's one thread, all ready at once: the first to drive lets the
     // others queue before it writes.
     let calls: Vec<_> = (0..8)
@@ -266,7 +229,7 @@ async fn calls_made_together_on_one_thread_go_out_in_one_write() {
         );
     }
     assert_eq!(
-        reads.load(std::sync::atomic::Ordering::SeqCst) - before,
+        proxy.client_reads() - before,
         1,
         "eight calls ready together are one batch, one write"
     );

@@ -263,33 +263,16 @@ async fn redis_losing_its_data_mid_stream_neither_repeats_nor_skips_a_seq() {
     writer.stop().await.expect("stop");
 }
 
-/// Starts the proxy in front of `upstream` (host:port of a real store).
-async fn proxy(upstream_url: &str) -> TcpProxy {
-    let url = url::Url::parse(upstream_url).expect("url");
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().expect("host"),
-        url.port_or_known_default().expect("port")
-    );
-    TcpProxy::start(&upstream).await.expect("proxy")
-}
-
-fn through(url: &str, proxy: &TcpProxy) -> String {
-    let mut url = url::Url::parse(url).expect("url");
-    url.set_port(Some(proxy.addr().port())).expect("port");
-    url.to_string()
-}
-
 #[tokio::test]
 async fn a_store_that_is_down_pauses_the_writer_and_nothing_is_lost() {
     let h = Harness::new(None).await;
-    let postgres = proxy(&h.postgres_url).await;
-    let mongo = proxy(&h.mongo_url).await;
+    let postgres = TcpProxy::in_front_of(&h.postgres_url).await.expect("proxy");
+    let mongo = TcpProxy::in_front_of(&h.mongo_url).await.expect("proxy");
     let mut config = h.config();
-    config.postgres.postgres_url = through(&h.postgres_url, &postgres);
+    config.postgres.postgres_url = postgres.url_for(&h.postgres_url);
     config.mongo.mongo_url = format!(
         "{}?directConnection=true&serverSelectionTimeoutMS=1000&connectTimeoutMS=1000",
-        through(&h.mongo_url, &mongo).trim_end_matches('/')
+        mongo.url_for(&h.mongo_url).trim_end_matches('/')
     );
     let (alice, bob) = (h.user("alice"), h.user("bob"));
     let chat = h.single(&alice, &bob);
